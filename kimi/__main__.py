@@ -1,0 +1,3 @@
+from kimi.cli import main
+
+main()
