@@ -1,0 +1,97 @@
+"""Fine-grained MoE: sigmoid router with a selection-only bias and grouped top-k, stacked routed experts, shared
+experts (../shared/reference/k2.md §4, kda.md §4).
+
+Routed experts are stored stacked, one [E, out, in] parameter per projection; the checkpoint's per-expert tensors
+(`experts.{e}.gate_proj.weight`, or Kimi Linear's `experts.{e}.w1.weight`) map onto slices of them in the loader.
+Tokens are grouped by expert (sorted once) and each active expert runs one matmul over its tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi.config import ModelConfig
+from kimi.model.layers import MLP
+
+
+class Router(nn.Module):
+    """Checkpoint name `gate`: weight [E, D]; e_score_correction_bias [E] fp32 (a buffer: static at inference)."""
+
+    FP32_PARAMS = ("e_score_correction_bias",)
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        E = cfg.n_routed_experts
+        self.top_k, self.n_group, self.topk_group = cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(E, cfg.hidden_size))
+        self.register_buffer("e_score_correction_bias", torch.zeros(E, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D] -> (expert ids [N, k] int64, combine weights [N, k] fp32)."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E]
+        choice = scores + self.e_score_correction_bias.float()  # the bias steers selection only
+        if self.n_group > 1:
+            N, E = choice.shape
+            groups = choice.view(N, self.n_group, E // self.n_group)
+            group_score = groups.topk(2, dim=-1).values.sum(-1)  # [N, G]: each group scored by its top-2
+            keep = torch.zeros_like(group_score, dtype=torch.bool)
+            keep.scatter_(1, group_score.topk(self.topk_group, dim=-1).indices, True)
+            choice = groups.masked_fill(~keep[..., None], float("-inf")).view(N, E)
+        idx = choice.topk(self.top_k, dim=-1).indices
+        w = scores.gather(1, idx)  # combine with the unbiased sigmoid scores
+        if self.norm_topk_prob:
+            w = w / (w.sum(-1, keepdim=True) + 1e-20)
+        return idx, w * self.scaling
+
+
+class Experts(nn.Module):
+    """E SwiGLU experts stacked: gate_proj/up_proj [E, I, D], down_proj [E, D, I]."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
+        self.up_proj = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """One expert on its tokens x [n, D] -> [n, D]. Quantised experts override this."""
+        return F.linear(F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e]), self.down_proj[e])
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """x [N, D], idx/w [N, k] -> sum_k w * expert_idx(x), [N, D]."""
+        N, k = idx.shape
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)  # group the N*k (token, slot) pairs by expert
+        token = order // k
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        xs = x[token]
+        ys = []
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                ys.append(self.expert(e, xs[start:start + n]))
+            start += n
+        y = (torch.cat(ys) * w.flatten()[order, None]).to(x.dtype)  # weights stay fp32 until here
+        return torch.zeros_like(x).index_add_(0, token, y)
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        if cfg.n_shared_experts:
+            self.shared_experts = MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        idx, w = self.gate(flat)
+        y = self.experts(flat, idx, w).view(shape)
+        if hasattr(self, "shared_experts"):
+            y = y + self.shared_experts(x)
+        return y
