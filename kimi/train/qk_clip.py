@@ -41,15 +41,17 @@ def clip_mla_(attn: nn.Module, gamma: torch.Tensor) -> None:
     if gamma.shape != (H,):
         raise ValueError(f"gamma must have one factor per head, shape ({H},), got {tuple(gamma.shape)}")
     q = attn.q_proj if getattr(attn, "q_proj", None) is not None else attn.q_b_proj
-    for proj, width, factors in ((q, nope + rope, {slice(0, nope): 0.5, slice(nope, nope + rope): 1.0}),
-                                 (attn.kv_b_proj, nope + v, {slice(0, nope): 0.5})):
+    root = gamma.to(torch.float64).sqrt()
+    # (projection, rows per head, [(first row, last row, factor)] within a head's rows)
+    plan = ((q, nope + rope, ((0, nope, root), (nope, nope + rope, gamma.to(torch.float64)))),
+            (attn.kv_b_proj, nope + v, ((0, nope, root),)))
+    for proj, width, parts in plan:
         for tensor in (proj.weight, proj.bias):
             if tensor is None:
                 continue
             rows = tensor.view(H, width, -1)  # [H, rows per head, in (1 for a bias)]
-            g = gamma.to(torch.float64)
-            for part, power in factors.items():
-                rows[:, part] *= g.pow(power).to(tensor.dtype)[:, None, None]
+            for lo, hi, factor in parts:
+                rows[:, lo:hi] *= factor.to(tensor.dtype)[:, None, None]
 
 
 class QKClip:
