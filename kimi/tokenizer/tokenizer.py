@@ -11,6 +11,7 @@ import codecs
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 
 import tiktoken
@@ -49,19 +50,23 @@ K2_SPECIAL_NAMES = {
 # whitespace or non-whitespace characters inside a window, so no single tiktoken piece gets huge.
 _WINDOW_CHARS = 400_000
 _MAX_RUN_CHARS = 25_000
-# Python's `\s` on str is exactly `str.isspace`, which is what Kimi's splitter tests per character.
-# The lookbehinds make each run be tried only at its first character, so the scan stays linear.
-_LONG_RUN = re.compile(rf"(?<!\S)\S{{{_MAX_RUN_CHARS + 1},}}|(?<!\s)\s{{{_MAX_RUN_CHARS + 1},}}")
+
+
+@lru_cache(maxsize=4)
+def _long_run_regex(max_run: int):
+    # Python's `\s` on str is exactly `str.isspace`, which is what Kimi's splitter tests per character.
+    # The lookbehinds make each run be tried only at its first character, so the scan stays linear.
+    return re.compile(rf"(?<!\S)\S{{{max_run + 1},}}|(?<!\s)\s{{{max_run + 1},}}")
 
 
 def reserved_name(token_id: int) -> str:
     return f"<|reserved_token_{token_id}|>"
 
 
-def _may_have_long_run(window: str) -> bool:
-    """Cheap pre-check: a run longer than 25k contains a whole aligned block of 12.5k characters
-    that is all whitespace or has none, so ordinary text is dismissed with a few C-speed scans."""
-    block = (_MAX_RUN_CHARS + 1) // 2
+def _may_have_long_run(window: str, max_run: int) -> bool:
+    """Cheap pre-check: a run longer than `max_run` contains a whole aligned block of (max_run+1)//2
+    characters that is all whitespace or has none, so ordinary text is dismissed with C-speed scans."""
+    block = (max_run + 1) // 2
     for start in range(0, len(window) - block + 1, block):
         chunk = window[start:start + block]
         if chunk.isspace() or len(chunk.split(maxsplit=1)[0]) == block:
@@ -69,23 +74,24 @@ def _may_have_long_run(window: str) -> bool:
     return False
 
 
-def split_long_input(text: str) -> list[str]:
-    """Cut `text` exactly where Kimi's tokenizer does before calling tiktoken (see module docstring)."""
-    if len(text) <= _MAX_RUN_CHARS:
+def split_long_input(text: str, max_run: int = _MAX_RUN_CHARS, window: int = _WINDOW_CHARS) -> list[str]:
+    """Cut `text` exactly where Kimi's tokenizer does before calling tiktoken: into `window`-character
+    windows, and inside each window every run of whitespace or non-whitespace longer than `max_run`
+    every `max_run` characters counted from the run's first character."""
+    if len(text) <= max_run:
         return [text]
     pieces = []
-    for start in range(0, len(text), _WINDOW_CHARS):
-        window = text[start:start + _WINDOW_CHARS]
-        if not _may_have_long_run(window):
-            pieces.append(window)
+    for start in range(0, len(text), window):
+        chunk = text[start:start + window]
+        if not _may_have_long_run(chunk, max_run):
+            pieces.append(chunk)
             continue
         cut = 0
-        for run in _LONG_RUN.finditer(window):
-            # A run of length L is cut every 25k characters counted from its first character.
-            for edge in range(run.start() + _MAX_RUN_CHARS, run.end(), _MAX_RUN_CHARS):
-                pieces.append(window[cut:edge])
+        for run in _long_run_regex(max_run).finditer(chunk):
+            for edge in range(run.start() + max_run, run.end(), max_run):
+                pieces.append(chunk[cut:edge])
                 cut = edge
-        pieces.append(window[cut:])
+        pieces.append(chunk[cut:])
     return pieces
 
 
