@@ -104,8 +104,11 @@ class MLA(nn.Module):
         k, v = self.expand(latent)
         if self.record_max_logits and self.training:
             self._record(q, k, mask)
+        pad = self.qk_head_dim - self.v_head_dim
+        if pad > 0:  # torch's fused CPU/GPU attention kernels want one head dim for q, k and v: pad v with zeros
+            v = F.pad(v, (0, pad))
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=self.scale)
-        return o.transpose(1, 2)
+        return o[..., : self.v_head_dim].transpose(1, 2)
 
     def attend_absorbed(self, q_nope, q_pe, latent, mask) -> torch.Tensor:
         """MQA over the latent: score = scale * (W_UK^T q_nope . c_kv + q_pe . k_pe); out = W_UV (p . c_kv)."""
