@@ -1,5 +1,13 @@
 """DenseCache: the per-sequence decode cache of the reference generate (the engine's paged cache is its fast twin).
 
+The cache protocol the model's layers call (any object passed as `cache=` to Transformer.forward implements it):
+  mla_attention(mla, q_nope, q_pe, latent) -> o   store the new latent, attend over everything cached (MLA layers)
+  kda_state(layer) -> (conv windows, fp32 states)  one row per sequence (KDA layers)
+  set_kda_state(layer, conv, state)                 store them back
+  cu_seqlens                                        None (rows are sequences) or [N+1] offsets of packed sequences
+  advance(num_tokens)                               called once after each forward
+  length                                            tokens already cached (default positions start here)
+
 Per MLA layer: the latent [B, max_len, kv_lora_rank + qk_rope_head_dim] (c_kv after its norm, k_pe after RoPE).
 Per KDA layer: the short-conv window [B, 3P, kernel-1] (model dtype) and the recurrent state [B, H, K, V] (fp32).
 All rows of a batch share one length: the reference generate runs equal-length prompts (or one at a time).
@@ -30,14 +38,19 @@ class DenseCache:
                 self.state[i] = torch.zeros(batch_size, cfg.kda_num_heads, cfg.kda_head_dim, cfg.kda_head_dim,
                                             dtype=torch.float32, device=device)
 
-    def append_latent(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
-        """Write latent [B, T, W] at positions length..length+T; return the whole cached prefix [B, length+T, W]."""
-        end = self.length + latent.shape[1]
+    cu_seqlens = None  # rows are whole sequences (the engine's context packs them and sets this)
+
+    def mla_attention(self, mla, q_nope, q_pe, latent) -> torch.Tensor:
+        """Write latent [B, T, W] at positions length..length+T, then attend over the whole cached prefix."""
+        start, end = self.length, self.length + latent.shape[1]
         if end > self.max_len:
             raise ValueError(f"cache overflow: {end} tokens exceed the cache's max_len {self.max_len}")
-        buf = self.latent[layer]
-        buf[:, self.length:end] = latent
-        return buf[:, :end]
+        buf = self.latent[mla.layer_idx]
+        buf[:, start:end] = latent
+        return mla.attend(q_nope, q_pe, buf[:, :end], start)
+
+    def advance(self, num_tokens: int) -> None:
+        self.length += num_tokens
 
     def kda_state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.conv[layer], self.state[layer]

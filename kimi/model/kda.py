@@ -46,18 +46,21 @@ class KDA(nn.Module):
         self.o_proj = nn.Linear(P, D, bias=False)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """x [B, T, D]; cache: a DenseCache holding this layer's conv windows and recurrent state, or None."""
+        """x [B, T, D] -> [B, T, D]. cache: None, or an object with `kda_state(layer)` -> (conv windows
+        [N, 3P, kernel-1], fp32 states [N, H, K, V]), `set_kda_state(layer, conv, state)` and `cu_seqlens`
+        (None: the N = B rows are whole sequences; else B = 1 and the N sequences are packed along T)."""
         B, T, _ = x.shape
-        conv_state = state = None
+        conv_state = state = cu_seqlens = None
         if cache is not None:
-            conv_state, state = cache.kda_state(self.layer_idx)  # [B, 3P, kernel-1], fp32 [B, H, K, V]
+            conv_state, state = cache.kda_state(self.layer_idx)
+            cu_seqlens = cache.cu_seqlens
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)  # [B, T, 3P]
-        qkv, new_conv = self.short_conv(qkv, conv_state)
+        qkv, new_conv = self.short_conv(qkv, conv_state, cu_seqlens)
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim) for t in qkv.chunk(3, dim=-1))
         g = self.gate(x)
         beta = torch.sigmoid(self.b_proj(x).float())  # [B, T, H]
         o, new_state = kda(q, k, v, g, beta, initial_state=state, output_final_state=cache is not None,
-                           use_qk_l2norm_in_kernel=True)
+                           use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens)
         if cache is not None:
             cache.set_kda_state(self.layer_idx, new_conv, new_state)
         gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, self.num_heads, self.head_dim)
@@ -69,19 +72,24 @@ class KDA(nn.Module):
         z = z.view(*x.shape[:2], self.num_heads, self.head_dim)
         return -torch.exp(self.A_log.float()) * F.softplus(z)
 
-    def short_conv(self, qkv: torch.Tensor, conv_state: torch.Tensor | None):
-        """Causal depthwise conv + SiLU over [B, T, 3P]; conv_state holds the previous kernel-1 inputs [B, 3P, k-1].
+    def short_conv(self, qkv: torch.Tensor, conv_state: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None):
+        """Causal depthwise conv + SiLU over qkv [B, T, 3P], each sequence continuing from its window of the
+        previous kernel-1 inputs (conv_state [N, 3P, k-1]; zeros = a fresh sequence).
 
-        Returns the activations [B, T, 3P] and the new window (the last kernel-1 inputs), or None without a cache.
+        Returns the activations [B, T, 3P] and the new windows [N, 3P, k-1] (None when conv_state is None).
         """
-        T = qkv.shape[1]
-        weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], dim=0)  # [3P, 1, k]
-        xt = qkv.transpose(1, 2)  # [B, 3P, T]
+        weight = torch.cat([self.q_conv1d.weight, self.k_conv1d.weight, self.v_conv1d.weight], 0).to(qkv.dtype)
         pad = self.conv_size - 1
-        if conv_state is None:
-            window = F.pad(xt, (pad, 0))
+        if cu_seqlens is None:
+            seqs, states = [qkv.transpose(1, 2)], [conv_state]  # one batched [B, 3P, T] "sequence"
         else:
-            window = torch.cat([conv_state.to(xt.dtype), xt], dim=-1)
-        out = F.silu(F.conv1d(window, weight.to(xt.dtype), groups=weight.shape[0]))  # [B, 3P, T]
-        new_state = window[:, :, window.shape[-1] - pad:] if conv_state is not None else None
-        return out.transpose(1, 2), new_state
+            bounds = cu_seqlens.tolist()
+            seqs = [qkv[0, a:b].T[None] for a, b in zip(bounds, bounds[1:])]  # [1, 3P, T_i] each
+            states = [None] * len(seqs) if conv_state is None else [conv_state[i:i + 1] for i in range(len(seqs))]
+        outs, windows = [], []
+        for xt, st in zip(seqs, states):
+            window = F.pad(xt, (pad, 0)) if st is None else torch.cat([st.to(xt.dtype), xt], dim=-1)
+            outs.append(F.silu(F.conv1d(window, weight, groups=weight.shape[0])))  # [b, 3P, T_i]
+            windows.append(window[:, :, window.shape[-1] - pad:])
+        out = outs[0].transpose(1, 2) if cu_seqlens is None else torch.cat(outs, dim=-1).transpose(1, 2)
+        return out, (torch.cat(windows) if conv_state is not None else None)

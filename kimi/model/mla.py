@@ -73,19 +73,28 @@ class MLA(nn.Module):
         return kv_len > q_len and absorb < expand
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache=None) -> torch.Tensor:
-        """x [B, T, D]; positions [B or 1, T]; cache: a DenseCache (model/cache.py) or None -> [B, T, D]."""
+        """x [B, T, D]; positions [B or 1, T] -> [B, T, D].
+
+        cache: None (plain causal attention over x) or an object with `mla_attention(layer, q_nope, q_pe, latent)`
+        that stores the new latent and attends over everything cached: model/cache.py's DenseCache for the
+        reference generate, the engine's paged context for serving.
+        """
         B, T, _ = x.shape
         q_nope, q_pe, latent = self.project(x, positions)
-        start = 0
-        if cache is not None:
-            start = cache.length
-            latent = cache.append_latent(self.layer_idx, latent)  # [B, start + T, kv_lora + rope]
-        mask = causal_mask(T, latent.shape[1], start, x.device)
-        if self.use_absorbed(T, latent.shape[1]):
-            o = self.attend_absorbed(q_nope, q_pe, latent, mask)
+        if cache is None:
+            o = self.attend_expanded(q_nope, q_pe, latent, None)
         else:
-            o = self.attend_expanded(q_nope, q_pe, latent, mask)
+            o = cache.mla_attention(self, q_nope, q_pe, latent)
         return self.o_proj(o.reshape(B, T, -1))
+
+    def attend(self, q_nope, q_pe, latent, start: int) -> torch.Tensor:
+        """Attend T new queries (at positions start..start+T-1) over latent [B, start+T, W], in whichever form is
+        cheaper (use_absorbed) -> [B, T, H, v]."""
+        T, S = q_nope.shape[1], latent.shape[1]
+        mask = causal_mask(T, S, start, q_nope.device)
+        if self.use_absorbed(T, S):
+            return self.attend_absorbed(q_nope, q_pe, latent, mask)
+        return self.attend_expanded(q_nope, q_pe, latent, mask)
 
     # ---- the two forms -------------------------------------------------------------------------------------
     def expand(self, latent: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

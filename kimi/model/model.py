@@ -68,7 +68,7 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             x = layer(x, positions, cache)
         if cache is not None:
-            cache.length += T
+            cache.advance(T)
         return self.lm_head(self.model.norm(x))
 
     # ---- dtype and initialisation --------------------------------------------------------------------------
