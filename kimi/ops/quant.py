@@ -367,12 +367,29 @@ def _relayout_(packed: torch.Tensor, to_kernel: bool) -> torch.Tensor:
     return packed
 
 
+def _kernel_scales_and_zeros(weight_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight_scale [out, G] -> the kernel's [G, out, (scale, zero = 0)] in dtype (fp32 or bf16).
+    It is built on every call. It is 1/4 the size of the packed weight, so keeping it would push INT4 memory
+    from 28% to 31% of bf16. Int4Linear keeps weight_scale as a transposed view, which makes .t() below free.
+    After that, bf16 scales go in with integer ops only: a little-endian (scale, 0) pair of bf16 is one
+    int32, and a bf16 is the top half of the fp32 with the same value."""
+    s = weight_scale.t().contiguous()  # [G, out]
+    g, n = s.shape
+    if s.dtype != torch.bfloat16 or sys.byteorder != "little":
+        return torch.stack((s.to(dtype), torch.zeros(g, n, dtype=dtype)), dim=-1)
+    bits = s.view(torch.int16)
+    if dtype == torch.bfloat16:
+        return bits.to(torch.int32).bitwise_and_(0xFFFF).view(torch.bfloat16).view(g, n, 2)
+    return bits.to(torch.int64).bitwise_and_(0xFFFF).bitwise_left_shift_(16).view(torch.float32).view(g, n, 2)
+
+
 def int4_linear(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torch.Tensor, in_features: int,
                 group: int = INT4_GROUP, kernel_layout: bool = False) -> torch.Tensor:
     """x [..., in] @ dequant(weight_packed [out, in/8], weight_scale [out, in/group]).T -> [..., out].
     With kernel_layout=True, weight_packed is in the CPU kernel's order (see to_cpu_kernel_layout_), and
     torch's int4 kernel runs. It needs x on CPU in fp32 or bf16. Otherwise weight_packed is in checkpoint
-    order and is unpacked and scaled 256 rows at a time. For stacked experts, pass packed[e] and scale[e]."""
+    order and is unpacked and scaled 256 rows at a time. For stacked experts, pass packed[e] and scale[e].
+    The kernel path is quickest when weight_scale is a transposed view (strides (1, out)); see Int4Linear."""
     if weight_packed.dim() != 2:
         raise ValueError(f"int4_linear takes one weight [out, in/8]; index stacked experts first, got "
                          f"{list(weight_packed.shape)}")
@@ -387,10 +404,7 @@ def int4_linear(x: torch.Tensor, weight_packed: torch.Tensor, weight_scale: torc
         if not int4_cpu_kernel_applies(weight_packed, in_features, group):
             raise ValueError(f"the CPU int4 kernel cannot run weight {list(weight_packed.shape)} "
                              f"(in={in_features}, group={group})")
-        # The kernel's scales-and-zeros is [in/group, out, 2] in x's dtype, built per call. It is 1/4 the size
-        # of the packed weight; keeping it resident would push INT4 memory from 28% to 31% of bf16.
-        sz = torch.zeros(in_features // group, n_out, 2, dtype=x.dtype)
-        sz[..., 0] = weight_scale.t()
+        sz = _kernel_scales_and_zeros(weight_scale, x.dtype)
         w = weight_packed.view(torch.uint8)  # [out, in/2]
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), w, group, sz)
     else:
@@ -415,6 +429,8 @@ class Int4Linear(nn.Module):
     kernel's nibble order. This keeps one copy in memory.
     - state_dict() still writes the checkpoint order, and dequantize() reads either order.
     - Moving the module (.to / .cuda) restores the checkpoint order first.
+    - weight_scale keeps its values and shape, but is then stored column-major, as a transposed view. This
+      saves a transpose on every call; state_dict() writes it contiguous.
     - Loading new data into weight_packed, by copy_ or by assignment, is seen as checkpoint order. The
       kernel order is recognised only by the exact tensor object and version it produced.
     So a loader can fill the three buffers by name at any time. Direct reads of module.weight_packed after a
@@ -453,6 +469,9 @@ class Int4Linear(nn.Module):
         (to_cpu_kernel_layout_ if kernel else to_checkpoint_layout_)(self.weight_packed)
         t = self.weight_packed
         self._kernel_ref, self._kernel_version = (weakref.ref(t), t._version) if kernel else (None, None)
+        if kernel:
+            # The same values, stored column-major: the kernel wants the scales as [G, out].
+            self.weight_scale = self.weight_scale.t().contiguous().t()
 
     def _check_shape(self) -> None:
         got = [int(v) for v in self.weight_shape.tolist()]
@@ -477,6 +496,8 @@ class Int4Linear(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.weight_scale.is_contiguous():
+            destination[prefix + "weight_scale"] = self.weight_scale.detach().contiguous()
         if self.kernel_layout:
             destination[prefix + "weight_packed"] = to_checkpoint_layout_(self.weight_packed.detach().clone())
 
