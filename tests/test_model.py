@@ -112,3 +112,36 @@ def test_parameter_names_are_checkpoint_names():
     names = set(dict(build_model(k2_tiny()).named_parameters()))
     assert "model.layers.1.mlp.shared_experts.down_proj.weight" in names
     assert "model.layers.0.self_attn.q_a_layernorm.weight" in names
+
+
+class PackedStates:
+    """The cache protocol for KDA layers over packed sequences (what the engine's context provides)."""
+
+    def __init__(self, cu_seqlens, conv, state):
+        self.cu_seqlens, self.conv, self.state = cu_seqlens, conv, state
+
+    def kda_state(self, layer):
+        return self.conv, self.state
+
+    def set_kda_state(self, layer, conv, state):
+        self.conv, self.state = conv, state
+
+
+def test_kda_layer_packed_sequences_equal_separate_runs():
+    from kimi.model.kda import KDA
+
+    model = build_model(kl_tiny(), dtype=torch.float32).eval()
+    kda = next(m for m in model.modules() if isinstance(m, KDA))
+    lens = [5, 1, 12]
+    xs = [torch.randn(1, n, 64) for n in lens]
+    conv0 = torch.randn(3, 3 * 64, 3)
+    state0 = torch.randn(3, 4, 16, 16)
+    with torch.no_grad():
+        packed = PackedStates(torch.tensor([0, 5, 6, 18]), conv0.clone(), state0.clone())
+        out = kda(torch.cat(xs, 1), cache=packed)
+        for i, x in enumerate(xs):
+            single = PackedStates(None, conv0[i:i + 1].clone(), state0[i:i + 1].clone())
+            want = kda(x, cache=single)
+            a, b = sum(lens[:i]), sum(lens[:i + 1])
+            assert (out[:, a:b] - want).abs().max() <= 1e-5
+            assert torch.allclose(packed.conv[i], single.conv[0], atol=1e-5) and torch.allclose(packed.state[i], single.state[0], atol=1e-5)
