@@ -1,0 +1,1 @@
+"""Numerics: each fast op sits beside a plain reference twin it is tested against."""
