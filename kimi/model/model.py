@@ -58,8 +58,13 @@ class Transformer(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab]. positions default to cache.length + arange(T)."""
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+                logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab]. positions default to cache.length + arange(T).
+
+        logits_at: indices into the flattened B*T tokens; then only those rows go through the final norm and lm_head
+        and the result is [len(logits_at), vocab] (the engine samples one token per sequence, not per prompt token).
+        """
         T = input_ids.shape[1]
         if positions is None:
             start = cache.length if cache is not None else 0
@@ -69,6 +74,8 @@ class Transformer(nn.Module):
             x = layer(x, positions, cache)
         if cache is not None:
             cache.advance(T)
+        if logits_at is not None:
+            x = x.flatten(0, 1)[logits_at]
         return self.lm_head(self.model.norm(x))
 
     # ---- dtype and initialisation --------------------------------------------------------------------------
