@@ -19,7 +19,8 @@ from kimi.tokenizer.tokenizer import (K2_SPECIAL_NAMES, KIMI_PATTERN, NUM_SPECIA
 SHAKESPEARE = Path(__file__).parents[2] / "shared/data/tinyshakespeare.txt"
 CORPUS_LINES = ["First Citizen: Before we proceed any further, hear me speak.",
                 "Dont't you KNOW? We're 123 miles 45678 away; 世界 café naïve ÉCOLE ǅemal",
-                "\tIndented\r\n  spaces   and\n\n\nnewlines!!! ... ---", "ABCdef aBC x́ 東京タワー 2024年"]
+                "\tIndented\r\n  spaces   and\n\n\nnewlines!!! ... ---", "ABCdef aBC x́ 東京タワー 2024年",
+                "12345678 4567 1 12 123 1234 I'LL we'll IT'S it's 世界世界 "]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,10 @@ def tok(tok_dir):
 
 text_chars = st.sampled_from(list("aZeé É世界 \n\r\t's S0123!?.,-<|>_\u0301ǅʰ\u00a0\u3000😀"))
 texts = st.text(text_chars, max_size=60) | st.text(max_size=40)
+# pieces that the trained vocabulary has merges for, so a split in a different place changes the ids
+FRAGMENTS = ["123", "4567", "12345678", "Hello", "hello", " the", "DON'T", "don't", "'s", "'S", "'ll", "世界", "東京",
+             "\n\n", "  ", "\t", "!!\n", " ...", "x́", "ǅemal", "café", "ÉCOLE", "2024年", " 1", ",\r\n", "ABCdef"]
+fragment_texts = st.lists(st.sampled_from(FRAGMENTS) | text_chars, max_size=20).map("".join)
 
 
 def test_trained_files_have_kimi_layout(tok_dir, tok):
@@ -124,14 +129,32 @@ def test_special_tokens_only_when_allowed(tok):
         tok.special_id("<|nope|>")
 
 
-@settings(max_examples=150, deadline=None)
-@given(texts)
-def test_split_pattern_matches_independent_regex_engine(text):
-    """tiktoken (Rust regex) splits exactly like the `regex` module (V1 set semantics) on Kimi's
-    pattern: encoding each reference piece alone gives the same ids as encoding the whole text."""
+# Kimi's split rules (k2.md §6.1) spelled independently of kimi's pattern string: the Han exclusion as
+# a negative lookahead instead of a set intersection.
+_NOT_HAN = r"(?!\p{Han})"
+_UP, _LOW = rf"(?:{_NOT_HAN}[\p{{Lu}}\p{{Lt}}\p{{Lm}}\p{{Lo}}\p{{M}}])", rf"(?:{_NOT_HAN}[\p{{Ll}}\p{{Lm}}\p{{Lo}}\p{{M}}])"
+_APOS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])?"
+REFERENCE_SPLIT = regex.compile("|".join([
+    r"\p{Han}+",
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UP}*{_LOW}+{_APOS}",
+    rf"[^\r\n\p{{L}}\p{{N}}]?{_UP}+{_LOW}*{_APOS}",
+    r"\p{N}{1,3}",
+    r" ?[^\s\p{L}\p{N}]+[\r\n]*",
+    r"\s*[\r\n]+",
+    r"\s+(?!\S)",
+    r"\s+",
+]))
+
+
+@settings(max_examples=200, deadline=None)
+@given(texts | fragment_texts)
+def test_split_pattern_matches_reference_rules(text):
+    """tiktoken with kimi's pattern splits like an independent spelling of Kimi's rules in the `regex`
+    module: encoding each reference piece alone gives the same ids as encoding the whole text."""
     tok = _module_tok()
-    pieces = regex.findall(KIMI_PATTERN, text, flags=regex.V1)
+    pieces = REFERENCE_SPLIT.findall(text)
     assert "".join(pieces) == text
+    assert regex.findall(KIMI_PATTERN, text, flags=regex.V1) == pieces
     assert tok.encode(text) == [i for p in pieces for i in tok.encode(p)]
     assert tok.decode(tok.encode(text)) == text
 

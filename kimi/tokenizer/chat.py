@@ -257,14 +257,15 @@ def _encode_pieces(pieces, tokenizer) -> list[int]:
 
 
 def _protect(obj, pattern, originals, tag):
-    """Replace special-token names inside user strings by placeholders `{tag}{k}\\ue001`."""
+    """Replace special-token names inside user strings (values and keys, e.g. argument names) by
+    placeholders `{tag}{k}\\ue001`."""
     if isinstance(obj, str):
         def hide(m):
             originals.append(m.group())
             return f"{tag}{len(originals) - 1}\ue001"
         return pattern.sub(hide, obj)
     if isinstance(obj, dict):
-        return {k: _protect(v, pattern, originals, tag) for k, v in obj.items()}
+        return {_protect(k, pattern, originals, tag): _protect(v, pattern, originals, tag) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [_protect(v, pattern, originals, tag) for v in obj]
     return obj
