@@ -337,7 +337,7 @@ def kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_state=Fal
     decode = n_tokens <= n_seq
     kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
               use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, cu_seqlens=cu_seqlens)
-    if q.is_cuda and backend() == "fla":
+    if backend() == "fla" and q.is_cuda:
         from fla.ops.kda import chunk_kda as fla_chunk, fused_recurrent_kda as fla_recurrent
         if decode:
             return fla_recurrent(q, k, v, g, beta, **kw)
