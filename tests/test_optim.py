@@ -298,6 +298,24 @@ def test_state_dict_round_trip_resumes_exactly():
         assert torch.equal(a, b)
 
 
+def test_state_from_a_different_model_is_refused_by_name():
+    model, x, y = _toy_regression(1)
+    opt = build_optimizer(model, optimizer="muon", lr=1e-2)
+    nn.functional.mse_loss(model(x), y).backward()
+    opt.step()
+    state = opt.state_dict()
+
+    wider = nn.Sequential(nn.Linear(16, 64, bias=False), nn.ReLU(), nn.Linear(64, 65), nn.ReLU(), nn.Linear(65, 4))
+    with pytest.raises(ValueError, match="parameter '2.weight' has shape"):
+        build_optimizer(wider, optimizer="muon").load_state_dict(state)
+    renamed = nn.Sequential(nn.Linear(16, 64, bias=False), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    renamed.insert(0, nn.Identity())
+    with pytest.raises(ValueError, match="only in the model"):
+        build_optimizer(renamed, optimizer="muon").load_state_dict(state)
+    with pytest.raises(ValueError, match="param groups"):
+        build_optimizer(model, optimizer="adamw").load_state_dict(state)
+
+
 def test_low_precision_parameters_keep_fp32_state():
     p = nn.Parameter(torch.randn(16, 24, dtype=torch.bfloat16))
     b = nn.Parameter(torch.randn(24, dtype=torch.bfloat16))

@@ -27,6 +27,12 @@ from torch import nn
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 SCALES = ("moonlight", "keller")
 OPTIMIZERS = ("muonclip", "muon", "adamw")
+# Settings per group kind and their defaults (K2/Moonlight: betas (0.9, 0.95), wd 0.1, momentum 0.95).
+_DEFAULTS = {
+    "muon": dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5, ns_eps=1e-7,
+                 scale="moonlight"),
+    "adamw": dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8),
+}
 
 # Last name component → AdamW, whatever the shape: the KDA gate scalars A_log [1, 1, H, 1] and
 # dt_bias [P], and biases.
@@ -109,9 +115,11 @@ def build_param_groups(
 
     With optimizer="adamw" everything is one AdamW group. Otherwise matrices go to Muon and the
     rest to AdamW, which uses `adamw_lr` / `adamw_weight_decay` when given (Keller-scaled Muon
-    needs a ~50x larger lr than AdamW; Moonlight scaling shares both, muon.md §5.2).
-    `hyper` holds the remaining per-kind settings (betas, eps, momentum, nesterov, ns_steps,
-    scale) and is routed to the kind that uses it.
+    needs a ~50x larger lr than AdamW; Moonlight scaling shares both, muon.md §1.4 and §5 item 2).
+    Weight decay applies to every group, norm gains included (Moonlight found that decay on
+    RMSNorm gains matters for stability, muon.md §1.5). `hyper` holds the remaining per-kind
+    settings (betas, eps, momentum, nesterov, ns_steps, ns_eps, scale), each routed to the kind
+    that uses it.
     """
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
@@ -144,13 +152,6 @@ def build_param_groups(
     return groups
 
 
-_DEFAULTS = {
-    "muon": dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5, eps=1e-7,
-                 scale="moonlight"),
-    "adamw": dict(lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), eps=1e-8),
-}
-
-
 def _check_group(group: dict) -> None:
     kind = group.get("kind")
     if kind not in _DEFAULTS:
@@ -160,9 +161,10 @@ def _check_group(group: dict) -> None:
         raise ValueError(f"{kind} group got settings it does not use: {sorted(extra)}")
     for key, default in _DEFAULTS[kind].items():
         group.setdefault(key, default)
-    if not (group["lr"] >= 0 and group["weight_decay"] >= 0 and group["eps"] > 0):
+    eps = group["ns_eps" if kind == "muon" else "eps"]
+    if not (group["lr"] >= 0 and group["weight_decay"] >= 0 and eps > 0):
         raise ValueError(f"{kind} group needs lr >= 0, weight_decay >= 0 and eps > 0, got "
-                         f"lr={group['lr']}, weight_decay={group['weight_decay']}, eps={group['eps']}")
+                         f"lr={group['lr']}, weight_decay={group['weight_decay']}, eps={eps}")
     if kind == "muon":
         if not 0 <= group["momentum"] < 1:
             raise ValueError(f"muon momentum must be in [0, 1), got {group['momentum']}")
@@ -190,12 +192,12 @@ def _full_matrix(update: torch.Tensor):
 
 
 def muon_update_(param, grad, momentum_buffer, *, lr, weight_decay, momentum, nesterov, ns_steps,
-                 eps, scale) -> None:
+                 ns_eps, scale) -> None:
     """One Muon step on one parameter [A, B] or stacked experts [E, A, B], in place."""
     momentum_buffer.lerp_(grad, 1 - momentum)  # EMA momentum, fp32
     update = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
     full, put_back = _full_matrix(update)
-    ortho = put_back(newton_schulz(full, ns_steps, eps))  # bf16, singular values ~[0.68, 1.13]
+    ortho = put_back(newton_schulz(full, ns_steps, ns_eps))  # bf16, singular values ~[0.68, 1.13]
     param.mul_(1 - lr * weight_decay)  # decoupled; on the unscaled lr like torch and Moonlight
     param.add_(ortho, alpha=-lr * muon_scale(param.shape, scale))
 
@@ -231,6 +233,29 @@ class MuonAdamW(torch.optim.Optimizer):
             if param_group["kind"] == "muon" and p.ndim not in (2, 3):
                 raise ValueError(f"muon takes [out, in] matrices or stacked experts [E, out, in], "
                                  f"got a parameter of shape {tuple(p.shape)}")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """torch's load, after checking that the saved groups hold the same kinds, parameter names and
+        shapes: a resume from a different model fails here, by name, not later or silently."""
+        saved = state_dict["param_groups"]
+        if len(saved) != len(self.param_groups):
+            raise ValueError(f"optimizer state has {len(saved)} param groups, expected {len(self.param_groups)}")
+        for s, o in zip(saved, self.param_groups):
+            names_s, names_o = s.get("param_names") or [], o.get("param_names") or []
+            if s.get("kind") != o["kind"] or names_s != names_o:
+                raise ValueError(
+                    f"optimizer state does not match this model's {o['kind']} group: saved a {s.get('kind')!r} "
+                    f"group of {len(names_s)} params for {len(names_o)}; only in the model: "
+                    f"{sorted(set(names_o) - set(names_s))[:3]}, only in the state: {sorted(set(names_s) - set(names_o))[:3]}")
+        params = [(n, p) for g in self.param_groups for n, p in zip(g.get("param_names") or [""] * len(g["params"]),
+                                                                     g["params"])]
+        for index, state in state_dict["state"].items():  # keyed by position in the flat parameter list
+            name, p = params[index]
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape != p.shape:
+                    raise ValueError(f"optimizer state {key!r} of parameter {name!r} has shape "
+                                     f"{tuple(value.shape)}, expected the parameter's {tuple(p.shape)}")
+        super().load_state_dict(state_dict)
 
     @torch.no_grad()
     def step(self, closure=None):
