@@ -1,0 +1,75 @@
+"""StepContext: the cache protocol of kimi/model/cache.py for one engine step, over the paged latent cache and the
+KDA state pool. The runner builds one per step and passes it to Transformer.forward as `cache`.
+
+Two layouts: a decode-only step runs as [B, 1] (rows are sequences, cu_seqlens None, so KDA takes its batched
+single-token path); any other step packs all scheduled tokens as [1, N] with cu_seqlens. MLA layers first write the
+step's latents into their cache rows (slot_mapping), then attend: all single-token queries at once in the absorbed
+form over their gathered contexts; each multi-token chunk (a prefill) through MLA.attend, over just its own new
+latents when it starts at position 0, else over its context read from the cache.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kimi.engine.state_pool import StatePool
+from kimi.ops.attention import paged_decode
+
+
+@dataclass
+class DecodeBatch:
+    tokens: torch.Tensor | None  # [B] positions of the single-token queries in the packed layout (None: [B, 1])
+    rows: torch.Tensor | slice  # [B, S] cache rows of each context, or one slice (B = 1, consecutive blocks)
+    mask: torch.Tensor  # [B, S] bool, True where rows hold a real context token
+
+
+@dataclass
+class Chunk:
+    start: int  # first token of the chunk in the packed layout
+    end: int
+    position: int  # position of its first token in its sequence (0: nothing cached before it)
+    rows: torch.Tensor | slice | None  # [position + length] cache rows of its whole context (None when position 0)
+
+
+class StepContext:
+    length = 0  # positions are always passed explicitly; the model never reads this
+
+    def __init__(self, kv_cache: torch.Tensor, mla_row: dict[int, int], pool: StatePool, slot_mapping: torch.Tensor,
+                 cu_seqlens: torch.Tensor | None, state_slots: torch.Tensor, decode: DecodeBatch | None,
+                 chunks: list[Chunk]):
+        self.kv_cache, self.mla_row, self.pool = kv_cache, mla_row, pool
+        self.slot_mapping = slot_mapping  # [N] cache row of every token of the step
+        self.cu_seqlens = cu_seqlens
+        self.state_slots = state_slots  # [num sequences] live KDA slot of each, in step order
+        self.decode, self.chunks = decode, chunks
+
+    def advance(self, num_tokens: int) -> None:
+        pass  # the scheduler advances each sequence after the step
+
+    def mla_attention(self, mla, q_nope, q_pe, latent) -> torch.Tensor:
+        """q_nope [B, T, H, nope], q_pe [B, T, H, rope], latent [B, T, W] -> [B, T, H, v]."""
+        B, T, _ = latent.shape
+        cache = self.kv_cache[self.mla_row[mla.layer_idx]]  # [R, W]
+        cache.index_copy_(0, self.slot_mapping, latent.reshape(B * T, -1))
+        d = self.decode
+        if d is not None and d.tokens is None:  # decode layout: every row one query
+            return paged_decode(mla, q_nope, q_pe, cache, d.rows, d.mask)
+        out = q_nope.new_empty(1, T, mla.num_heads, mla.v_head_dim)
+        if d is not None:
+            out[0, d.tokens] = paged_decode(mla, q_nope[0, d.tokens, None], q_pe[0, d.tokens, None], cache, d.rows,
+                                            d.mask)[:, 0]
+        for c in self.chunks:
+            ctx = latent[:, c.start:c.end] if c.rows is None else cache[c.rows][None]
+            out[:, c.start:c.end] = mla.attend(q_nope[:, c.start:c.end], q_pe[:, c.start:c.end], ctx, c.position)
+        return out
+
+    def kda_state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        r = self.pool.row[layer]
+        return self.pool.conv[r][self.state_slots], self.pool.state[r][self.state_slots]
+
+    def set_kda_state(self, layer: int, conv: torch.Tensor, state: torch.Tensor) -> None:
+        r = self.pool.row[layer]
+        self.pool.conv[r].index_copy_(0, self.state_slots, conv.to(self.pool.conv.dtype))
+        self.pool.state[r].index_copy_(0, self.state_slots, state.float())

@@ -1,0 +1,142 @@
+"""ModelRunner: owns the model and the cache tensors; turns a scheduled step into one forward and samples.
+
+Per step it flattens the scheduled tokens, computes positions and the cache row of every token (slot mapping) from
+the block tables, the context rows of single-token queries, the KDA state slots, and the rows whose logits are
+needed (a sequence's last scheduled token when that completes it), then calls Transformer.forward once with a
+StepContext (context.py) and samples those rows (kimi/ops/sampling.py). Everything per token is tensor work;
+Python loops run over sequences, never over tokens or layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kimi.engine.context import Chunk, DecodeBatch, StepContext
+from kimi.engine.sequence import Sequence
+from kimi.engine.state_pool import StatePool
+from kimi.model.model import Transformer
+from kimi.ops import sampling
+from kimi.ops.attention import context_rows, contiguous
+
+
+class ModelRunner:
+    def __init__(self, model: Transformer, num_blocks: int, block_size: int, num_state_slots: int,
+                 num_snapshots: int):
+        cfg = model.config
+        self.model, self.config, self.device = model, cfg, model.device
+        self.block_size, self.num_blocks = block_size, num_blocks
+        mla_layers = [i for i, kind in enumerate(cfg.layer_types) if kind == "mla"]
+        self.mla_row = {layer: r for r, layer in enumerate(mla_layers)}
+        width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
+        # the paged latent cache: [MLA layers, num_blocks * block_size rows, kv_lora_rank + rope]
+        self.kv_cache = torch.zeros(len(mla_layers), num_blocks * block_size, width, dtype=model.dtype,
+                                    device=self.device)
+        self.states = StatePool(cfg, num_state_slots, num_snapshots, model.dtype, self.device)
+
+    def block_bytes(self) -> int:
+        return self.kv_cache[:, :self.block_size].numel() * self.kv_cache.element_size()
+
+    @torch.inference_mode()
+    def run(self, scheduled: list[tuple[Sequence, int]]) -> tuple[list[Sequence], torch.Tensor]:
+        """One forward over the scheduled tokens -> (sequences to sample, their logits [M, vocab] fp32)."""
+        dev, bs = self.device, self.block_size
+        ids: list[int] = []
+        starts, counts, tables, sample_rows, to_sample = [], [], [], [], []
+        for seq, n in scheduled:
+            c = seq.num_computed_tokens
+            ids.extend(seq.token_ids[c:c + n])
+            starts.append(c)
+            counts.append(n)
+            tables.append(seq.block_table)
+            if c + n == seq.num_tokens:
+                sample_rows.append(len(ids) - 1)
+                to_sample.append(seq)
+        N, S = len(ids), len(scheduled)
+        t_counts = torch.tensor(counts, device=dev)
+        seq_of = torch.repeat_interleave(torch.arange(S, device=dev), t_counts)  # [N] sequence of each token
+        first = torch.cumsum(t_counts, 0) - t_counts
+        positions = torch.tensor(starts, device=dev)[seq_of] + torch.arange(N, device=dev) - first[seq_of]
+        width = max(len(t) for t in tables)
+        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.long, device=dev)  # [S, width]
+        slot_mapping = bt[seq_of, positions // bs] * bs + positions % bs
+        state_slots = torch.tensor([seq.state_slot for seq, _ in scheduled], dtype=torch.long, device=dev)
+
+        single = [i for i, n in enumerate(counts) if n == 1]
+        decode_only = len(single) == S
+        decode = None
+        if single:
+            lengths = [starts[i] + 1 for i in single]
+            span = contiguous(tables[single[0]], lengths[0], bs) if len(single) == 1 else None
+            if span is not None:
+                rows, mask = span, torch.ones(1, lengths[0], dtype=torch.bool, device=dev)
+            else:
+                rows, mask = context_rows([tables[i] for i in single], lengths, bs, dev)
+            tokens = None if decode_only else first[single]
+            decode = DecodeBatch(tokens, rows, mask)
+        chunks, offset = [], 0
+        for i, n in enumerate(counts):
+            if n > 1:
+                c = starts[i]
+                rows = None
+                if c > 0:
+                    rows = contiguous(tables[i], c + n, bs)
+                    if rows is None:
+                        rows = context_rows([tables[i]], [c + n], bs, dev)[0][0]
+                chunks.append(Chunk(offset, offset + n, c, rows))
+            offset += n
+
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        if decode_only:
+            input_ids, positions = input_ids[:, None], positions[:, None]
+            cu_seqlens = None
+        else:
+            input_ids, positions = input_ids[None], positions[None]
+            cu_seqlens = torch.cat([first, first.new_tensor([N])])
+        ctx = StepContext(self.kv_cache, self.mla_row, self.states, slot_mapping, cu_seqlens, state_slots, decode,
+                          chunks)
+        if not to_sample:
+            self.model(input_ids, positions, ctx, logits_at=torch.zeros(0, dtype=torch.long, device=dev))
+            return [], torch.empty(0, self.config.vocab_size)
+        logits = self.model(input_ids, positions, ctx, logits_at=torch.tensor(sample_rows, device=dev))
+        return to_sample, logits.float()
+
+    @torch.inference_mode()
+    def sample(self, seqs: list[Sequence], logits: torch.Tensor, stop_ids: frozenset[int]):
+        """-> (token ids [M] as a list, per-row logprob entries or None)."""
+        if not seqs:
+            return [], []
+        dev = logits.device
+        params = [s.params for s in seqs]
+        raw = logits
+        if any(p.uses_penalties for p in params):
+            logits = sampling.apply_penalties(
+                logits, [s.token_ids[:s.num_prompt_tokens] for s in seqs], [s.output_ids for s in seqs],
+                torch.tensor([p.repetition_penalty for p in params], device=dev),
+                torch.tensor([p.presence_penalty for p in params], device=dev),
+                torch.tensor([p.frequency_penalty for p in params], device=dev))
+        for row, s in enumerate(seqs):  # no stop token before min_tokens
+            if s.num_output_tokens < s.params.min_tokens:
+                banned = [*s.params.stop_token_ids, *(() if s.params.ignore_eos else stop_ids)]
+                banned = [t for t in banned if t < logits.shape[1]]
+                if banned:
+                    if logits is raw:
+                        logits = logits.clone()
+                    logits[row, banned] = float("-inf")
+        tokens = sampling.sample(
+            logits,
+            torch.tensor([float(p.temperature) for p in params], device=dev),
+            torch.tensor([p.top_k for p in params], device=dev),
+            torch.tensor([float(p.top_p) for p in params], device=dev),
+            torch.tensor([float(p.min_p) for p in params], device=dev),
+            [None if p.greedy else s.generator for p, s in zip(params, seqs)])
+        entries = [None] * len(seqs)
+        want = [p.logprobs for p in params]
+        if any(k is not None for k in want):
+            k = max(k for k in want if k is not None)
+            chosen, top_v, top_i = sampling.logprobs(raw, tokens, k)
+            chosen, top_v, top_i = chosen.tolist(), top_v.tolist(), top_i.tolist()
+            for row, kr in enumerate(want):
+                if kr is not None:
+                    entries[row] = {"token": int(tokens[row]), "logprob": chosen[row],
+                                    "top": list(zip(top_i[row][:kr], top_v[row][:kr]))}
+        return tokens.tolist(), entries

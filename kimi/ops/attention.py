@@ -1,0 +1,58 @@
+"""MLA attention over the paged latent cache (one flat [num_blocks * block_size, W] tensor per MLA layer, W =
+kv_lora_rank + qk_rope_head_dim; token p of a sequence lives in row table[p // block_size] * block_size + p %
+block_size). Math: ../shared/reference/k2.md §2.3 (absorbed decode), serving.md §3.1 (paged MLA cache).
+
+`context_rows` turns block tables into the row indices of each sequence's context (one [B, S] index matrix for a
+whole decode batch, padded and masked), or into a plain slice when a sequence's blocks happen to be consecutive, so
+batch-1 decode reads the cache in place instead of gathering a copy. `paged_decode` attends a batch of single-token
+queries over their contexts in the absorbed form (MQA over the latent). `paged_attention_reference` is the plain
+twin: per sequence, token by token, the dense form.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def contiguous(table: list[int], num_tokens: int, block_size: int) -> slice | None:
+    """The rows of a sequence's first num_tokens tokens as one slice, when its blocks are consecutive."""
+    n = -(-num_tokens // block_size)
+    first = table[0]
+    if table[n - 1] - first != n - 1 or any(table[j] != first + j for j in range(1, n - 1)):
+        return None
+    return slice(first * block_size, first * block_size + num_tokens)
+
+
+def context_rows(tables: list[list[int]], lengths: list[int], block_size: int, device):
+    """Row indices [B, S] of the first lengths[b] tokens of each sequence (S = max length, padding rows point at row
+    0) and the validity mask [B, S]."""
+    S = max(lengths)
+    n = -(-S // block_size)
+    bt = torch.tensor([t[:n] + [0] * (n - len(t[:n])) for t in tables], dtype=torch.long, device=device)
+    offs = torch.arange(block_size, device=device)
+    rows = (bt[:, :, None] * block_size + offs).flatten(1)[:, :S]
+    mask = torch.arange(S, device=device)[None] < torch.tensor(lengths, device=device)[:, None]
+    return rows, mask
+
+
+def paged_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, rows, mask) -> torch.Tensor:
+    """q_nope [B, 1, H, nope], q_pe [B, 1, H, rope]; cache [R, W]; rows: [B, S] indices or a slice (B = 1);
+    mask [B, S] -> [B, 1, H, v]."""
+    ctx = cache[rows][None] if isinstance(rows, slice) else cache[rows]  # [B, S, W]
+    return mla.attend_absorbed(q_nope, q_pe, ctx, mask[:, None, None, :])
+
+
+def paged_attention_reference(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
+                              tables: list[list[int]], starts: list[int], counts: list[int],
+                              block_size: int) -> torch.Tensor:
+    """q_nope [1, N, H, nope], q_pe [1, N, H, rope] packed sequence after sequence: sequence b has counts[b] queries
+    at positions starts[b].. (their latents already in the cache) -> [1, N, H, v], by the dense expanded form over
+    a latent gathered token by token."""
+    outs, a = [], 0
+    for table, start, n in zip(tables, starts, counts):
+        S = start + n
+        latent = torch.stack([cache[table[p // block_size] * block_size + p % block_size] for p in range(S)])
+        mask = torch.arange(S)[None, :] <= torch.arange(start, S)[:, None]
+        outs.append(mla.attend_expanded(q_nope[:, a:a + n], q_pe[:, a:a + n], latent[None], mask))
+        a += n
+    return torch.cat(outs, 1)
