@@ -165,30 +165,37 @@ def test_bad_input():
 
 
 def _dp_worker(rank, world, init_file, out_dir):
+    from torch.distributed.fsdp import fully_shard
+
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = _mla(torch.float32, {})
-        attn = model["attn"]
+        fully_shard(model["attn"])  # dim-0 row shards: a head's q/kv_b rows can straddle ranks
         clip = QKClip(model, tau=None)
         torch.manual_seed(100 + rank)  # each rank sees different data
         x, positions = torch.randn(1, 6, 32), torch.arange(6)[None]
-        attn.train()(x, positions)
-        local = attn.max_logits.clone()
+        model["attn"].train()(x, positions).square().sum().backward()  # FSDP2 reshards after backward
+        local = model["attn"].max_logits.clone()
         clip.tau = 2.0
         maxima = clip()
-        torch.save({"local": local, "reduced": maxima["attn"], "weights": model.state_dict()},
+        weights = {k: v.full_tensor() for k, v in model.state_dict().items()}
+        torch.save({"local": local, "reduced": maxima["attn"], "weights": weights},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
 
 
-def test_maxima_are_all_reduced_over_data_parallel_ranks():
+def test_fsdp2_ranks_all_reduce_maxima_and_clip_the_full_rows():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_dp_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2)
         r0, r1 = (torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2))
     assert not torch.equal(r0["local"], r1["local"])
     expected = torch.maximum(r0["local"], r1["local"])
     assert torch.equal(r0["reduced"], expected) and torch.equal(r1["reduced"], expected)
-    # Both ranks clip with the same factors, so the replicas stay identical.
-    for name, w in r0["weights"].items():
-        assert torch.equal(w, r1["weights"][name]), name
+    # The sharded clip equals a single-process clip of the same model with the same factors, bit for bit.
+    reference = _mla(torch.float32, {})
+    m = expected.double()
+    clip_mla_(reference["attn"], torch.where(m > 2.0, 2.0 / m, torch.ones_like(m)))
+    assert (expected > 2.0).any()
+    for name, w in reference.state_dict().items():
+        assert torch.equal(r0["weights"][name], w), name

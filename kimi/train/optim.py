@@ -185,18 +185,20 @@ def _check_group(group: dict) -> None:
             raise ValueError(f"adamw betas must each be in [0, 1), got {group['betas']}")
 
 
-def _full_matrix(update: torch.Tensor):
-    """(full tensor, put-back) for a possibly sharded DTensor; identity for plain tensors."""
+def gather_full(tensor: torch.Tensor):
+    """(full tensor, put-back) for a possibly sharded DTensor; (tensor itself, identity) otherwise.
+
+    put-back turns a full-size result into a DTensor laid out like `tensor`."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return update, lambda x: x  # no process group, no DTensor; skips a ~1 s import
+        return tensor, lambda x: x  # no process group, no DTensor; skips a ~1 s import
     from torch.distributed.tensor import DTensor, distribute_tensor
 
-    if not isinstance(update, DTensor):
-        return update, lambda x: x
-    mesh, placements = update.device_mesh, update.placements
+    if not isinstance(tensor, DTensor):
+        return tensor, lambda x: x
+    mesh, placements = tensor.device_mesh, tensor.placements
     # Every rank gathers the same full matrix and computes the same result, so each slices its
     # own shard locally (src_data_rank=None: no further communication).
-    return update.full_tensor(), lambda x: distribute_tensor(x, mesh, placements, src_data_rank=None)
+    return tensor.full_tensor(), lambda x: distribute_tensor(x, mesh, placements, src_data_rank=None)
 
 
 def muon_update_(param, grad, momentum_buffer, *, lr, weight_decay, momentum, nesterov, ns_steps,
@@ -204,7 +206,7 @@ def muon_update_(param, grad, momentum_buffer, *, lr, weight_decay, momentum, ne
     """One Muon step on one parameter [A, B] or stacked experts [E, A, B], in place."""
     momentum_buffer.lerp_(grad, 1 - momentum)  # EMA momentum, fp32
     update = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
-    full, put_back = _full_matrix(update)
+    full, put_back = gather_full(update)
     ortho = put_back(newton_schulz(full, ns_steps, ns_eps))  # bf16, singular values ~[0.68, 1.13]
     param.mul_(1 - lr * weight_decay)  # decoupled; on the unscaled lr like torch and Moonlight
     param.add_(ortho, alpha=-lr * muon_scale(param.shape, scale))
@@ -251,10 +253,11 @@ class MuonAdamW(torch.optim.Optimizer):
         for s, o in zip(saved, self.param_groups):
             names_s, names_o = s.get("param_names") or [], o.get("param_names") or []
             if s.get("kind") != o["kind"] or names_s != names_o:
+                only_model, only_state = sorted(set(names_o) - set(names_s)), sorted(set(names_s) - set(names_o))
                 raise ValueError(
                     f"optimizer state does not match this model's {o['kind']} group: saved a {s.get('kind')!r} "
-                    f"group of {len(names_s)} params for {len(names_o)}; only in the model: "
-                    f"{sorted(set(names_o) - set(names_s))[:3]}, only in the state: {sorted(set(names_s) - set(names_o))[:3]}")
+                    f"group of {len(names_s)} params for {len(names_o)}; only in the model: {only_model[:3]}, "
+                    f"only in the state: {only_state[:3]}")
         params = [(n, p) for g in self.param_groups for n, p in zip(g.get("param_names") or [""] * len(g["params"]),
                                                                      g["params"])]
         for index, state in state_dict["state"].items():  # keyed by position in the flat parameter list

@@ -12,7 +12,9 @@ The statistic is the signed maximum over batch, queries and allowed keys, softma
 recorded by the MLA module itself during training forwards (`record_max_logits`, `max_logits`),
 taken over micro-batches (a running max) and all-reduced (MAX) over the data-parallel group.
 The clip is applied in place to the parameters the optimizer updates, i.e. the fp32 master
-weights when the model is trained in fp32 under bf16 autocast; the next forward sees it.
+weights when the model is trained in fp32 under bf16 autocast; the next forward sees it. Under
+FSDP2 a clipped projection is gathered, scaled and re-sliced, since a head's rows may straddle
+shards; every rank holds the same reduced maxima, so all take part in the same gathers.
 
 KDA layers (Kimi Linear) are not touched: they have no softmax logits to blow up. Their q and k are
 L2-normalised per head, so every q·k lies in [-1, 1] (shared/reference/kda.md).
@@ -23,6 +25,8 @@ import math
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from kimi.train.optim import gather_full
 
 
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -49,9 +53,13 @@ def clip_mla_(attn: nn.Module, gamma: torch.Tensor) -> None:
         for tensor in (proj.weight, proj.bias):
             if tensor is None:
                 continue
-            rows = tensor.view(H, width, -1)  # [H, rows per head, in (1 for a bias)]
+            # FSDP2 shards rows across ranks: scale the gathered full tensor, then keep the local shard.
+            full, put_back = gather_full(tensor)
+            rows = full.view(H, width, -1)  # [H, rows per head, in (1 for a bias)]
             for lo, hi, factor in parts:
-                rows[:, lo:hi] *= factor.to(tensor.dtype)[:, None, None]
+                rows[:, lo:hi] *= factor.to(full.dtype)[:, None, None]
+            if full is not tensor:
+                tensor.copy_(put_back(full))
 
 
 class QKClip:
