@@ -11,6 +11,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from kimi.train import optim
 from kimi.train.optim import MuonAdamW, build_optimizer, build_param_groups, newton_schulz, param_kind
 
 TORCH_SCALE = {"moonlight": "match_rms_adamw", "keller": "original"}
@@ -86,6 +87,27 @@ def test_muon_half_matches_torch_muon(scale, nesterov, shape):
     torch.testing.assert_close(p, q, rtol=0, atol=0)
     torch.testing.assert_close(ours.state[p]["momentum_buffer"], theirs.state[q]["momentum_buffer"], rtol=0, atol=0)
     assert not torch.equal(p, torch.zeros_like(p))
+
+
+@pytest.mark.parametrize("batch_numel", [None, 48 * 32 * 2])
+def test_same_shape_matrices_batched_match_torch_muon_one_by_one(batch_numel, monkeypatch):
+    # One group holding several matrices of each shape: stacked Newton–Schulz (in batches of at most
+    # batch_numel elements) must equal the per-matrix reference exactly.
+    if batch_numel is not None:
+        monkeypatch.setattr(optim, "NS_BATCH_NUMEL", batch_numel)
+    shapes = [(48, 32), (32, 80), (48, 32), (48, 32), (32, 80), (48, 32), (7, 5)]
+    ps = [nn.Parameter(torch.randn(s)) for s in shapes]
+    qs = [nn.Parameter(p.detach().clone()) for p in ps]
+    ours = MuonAdamW([dict(params=ps, kind="muon", lr=0.02, weight_decay=0.1)])
+    theirs = torch.optim.Muon(qs, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+    for _ in range(3):
+        for p, q in zip(ps, qs):
+            p.grad = torch.randn(p.shape) * torch.rand(()) * 10
+            q.grad = p.grad.clone()
+        ours.step()
+        theirs.step()
+    for p, q in zip(ps, qs):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
 
 
 def test_stacked_experts_match_torch_muon_per_expert():

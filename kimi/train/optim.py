@@ -27,6 +27,7 @@ from torch import nn
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 SCALES = ("moonlight", "keller")
 OPTIMIZERS = ("muonclip", "muon", "adamw")
+NS_BATCH_NUMEL = 1 << 25  # elements per stacked Newton–Schulz batch (128 MB fp32): bounds the extra memory
 # Settings per group kind and their defaults (K2/Moonlight: betas (0.9, 0.95), wd 0.1, momentum 0.95).
 _DEFAULTS = {
     "muon": dict(lr=1e-3, weight_decay=0.1, momentum=0.95, nesterov=True, ns_steps=5, ns_eps=1e-7,
@@ -201,15 +202,30 @@ def gather_full(tensor: torch.Tensor):
     return tensor.full_tensor(), lambda x: distribute_tensor(x, mesh, placements, src_data_rank=None)
 
 
-def muon_update_(param, grad, momentum_buffer, *, lr, weight_decay, momentum, nesterov, ns_steps,
-                 ns_eps, scale) -> None:
-    """One Muon step on one parameter [A, B] or stacked experts [E, A, B], in place."""
-    momentum_buffer.lerp_(grad, 1 - momentum)  # EMA momentum, fp32
-    update = grad.lerp(momentum_buffer, momentum) if nesterov else momentum_buffer
-    full, put_back = gather_full(update)
-    ortho = put_back(newton_schulz(full, ns_steps, ns_eps))  # bf16, singular values ~[0.68, 1.13]
-    param.mul_(1 - lr * weight_decay)  # decoupled; on the unscaled lr like torch and Moonlight
-    param.add_(ortho, alpha=-lr * muon_scale(param.shape, scale))
+def muon_step_(params, grads, momentum_buffers, *, lr, weight_decay, momentum, nesterov, ns_steps, ns_eps,
+               scale) -> None:
+    """One Muon step on a list of parameters ([A, B] matrices or stacked experts [E, A, B]), in place.
+
+    Updates of the same shape are stacked into one batched Newton–Schulz (fewer, larger matmuls:
+    ~1.5x faster on CPU for a small model's many equal-shape matrices). Each matrix is still
+    normalised and orthogonalised on its own, and the result is bit-identical to one call per
+    matrix, i.e. to torch.optim.Muon (tests/test_optim.py).
+    """
+    by_shape = {}
+    for i, (grad, buf) in enumerate(zip(grads, momentum_buffers)):
+        buf.lerp_(grad, 1 - momentum)  # EMA momentum, fp32
+        update = grad.lerp(buf, momentum) if nesterov else buf
+        full, put_back = gather_full(update)
+        by_shape.setdefault(full.shape, []).append((i, full, put_back))
+    for shape, items in by_shape.items():
+        per_batch = max(1, NS_BATCH_NUMEL // shape.numel())
+        for start in range(0, len(items), per_batch):
+            batch = items[start:start + per_batch]
+            ortho = newton_schulz(torch.stack([full for _, full, _ in batch]), ns_steps, ns_eps)  # bf16 [n, *shape]
+            for (i, _, put_back), o in zip(batch, ortho):
+                p = params[i]
+                p.mul_(1 - lr * weight_decay)  # decoupled; on the unscaled lr like torch and Moonlight
+                p.add_(put_back(o), alpha=-lr * muon_scale(shape, scale))
 
 
 def adamw_update_(param, grad, exp_avg, exp_avg_sq, step, *, lr, weight_decay, betas, eps) -> None:
@@ -276,6 +292,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             settings = {k: group[k] for k in _DEFAULTS[group["kind"]]}
+            muon_params, muon_grads, muon_buffers = [], [], []
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -286,7 +303,9 @@ class MuonAdamW(torch.optim.Optimizer):
                 if group["kind"] == "muon":
                     if not state:
                         state["momentum_buffer"] = torch.zeros_like(p, dtype=torch.float32)
-                    muon_update_(p, grad, state["momentum_buffer"], **settings)
+                    muon_params.append(p)
+                    muon_grads.append(grad)
+                    muon_buffers.append(state["momentum_buffer"])
                 else:
                     if not state:
                         state["step"] = 0
@@ -295,6 +314,8 @@ class MuonAdamW(torch.optim.Optimizer):
                     state["step"] += 1
                     adamw_update_(p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
                                   **settings)
+            if muon_params:
+                muon_step_(muon_params, muon_grads, muon_buffers, **settings)
         if self.qk_clip is not None:
             self.max_logits = self.qk_clip()
         return loss
