@@ -11,6 +11,10 @@ _PUBLIC = {
     "load_model": "kimi.model.loader",
     "save_model": "kimi.model.loader",
     "Tokenizer": "kimi.tokenizer.tokenizer",
+    "LLM": "kimi.engine.engine",
+    "LLMEngine": "kimi.engine.engine",
+    "RequestOutput": "kimi.engine.engine",
+    "SamplingParams": "kimi.engine.sampling_params",
 }
 
 __all__ = list(_PUBLIC)
