@@ -102,7 +102,7 @@ def param_kind(name: str, param: torch.Tensor) -> str:
     )
 
 
-def _checkpoint_name(name: str) -> str:
+def checkpoint_name(name: str) -> str:
     """Drop wrapper prefixes (DDP's "module.", torch.compile's "_orig_mod.") so saved optimizer
     state names the checkpoint tensors and loads whichever way the model is wrapped."""
     while name.startswith(("module.", "_orig_mod.")):
@@ -136,7 +136,7 @@ def build_param_groups(
     if unknown:
         raise ValueError(f"unknown optimizer settings {sorted(unknown)}; expected some of "
                          f"{sorted(set(_DEFAULTS['muon']) | set(_DEFAULTS['adamw']))}")
-    named = [(_checkpoint_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
+    named = [(checkpoint_name(n), p) for n, p in model.named_parameters() if p.requires_grad]
     if not named:
         raise ValueError("the model has no trainable parameters")
     by_kind = {"muon": [], "adamw": []}

@@ -26,12 +26,14 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from kimi.train.optim import gather_full
+from kimi.train.optim import checkpoint_name, gather_full
 
 
 def attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) for every softmax-attention layer that records per-head max logits (MLA)."""
-    return [(n, m) for n, m in model.named_modules() if hasattr(m, "max_logits") and hasattr(m, "kv_b_proj")]
+    """(name, module) for every softmax-attention layer that records per-head max logits (MLA);
+    names without DDP/compile wrapper prefixes, e.g. "model.layers.3.self_attn"."""
+    return [(checkpoint_name(n), m) for n, m in model.named_modules()
+            if hasattr(m, "max_logits") and hasattr(m, "kv_b_proj")]
 
 
 @torch.no_grad()
