@@ -131,7 +131,7 @@ def _defuse(obj, pattern):
 
 # ---- parity with the official template ------------------------------------------------------------------
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(conversations(), tools_strategy, st.booleans())
 def test_native_render_matches_official_template(messages, tools, add_generation_prompt):
     template = official_template()

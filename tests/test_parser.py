@@ -171,7 +171,7 @@ def completions(draw):
     return out
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(completions(), st.lists(st.integers(0, 10_000), max_size=12), st.booleans())
 def test_stream_text_equals_parse(text, cuts, starts_in_reasoning):
     expected = parse(text, starts_in_reasoning=starts_in_reasoning)
@@ -192,7 +192,8 @@ def test_stream_bytes_and_ids_equal_parse(text, cuts):
     deltas, result = stream(split_at(data, cuts))
     assert result == parse(data) == parse(text)
     assert collect(deltas) == summary(result)
-    ids = tok.encode(text, allow_special=True)
+    # the model emits markers as control ids; other special names in free text (e.g. "[EOS]") stay text
+    ids = tok.encode(text, allow_special=set(MARKERS) & set(tok.special_tokens))
     deltas, result = stream(ids, tok)  # one id at a time, as sampled
     assert result == parse(ids, tok) == parse(text)
     assert collect(deltas) == summary(result)
@@ -204,7 +205,7 @@ noise = st.lists(st.sampled_from(MARKERS) | st.text(max_size=6) | st.sampled_fro
                  max_size=25).map("".join)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=250, deadline=None)
 @given(noise, st.lists(st.integers(0, 10_000), max_size=10), st.booleans())
 def test_arbitrary_text_never_raises_and_streams_equal(text, cuts, starts_in_reasoning):
     expected = parse(text, starts_in_reasoning=starts_in_reasoning)

@@ -21,10 +21,24 @@ from kimi.tokenizer.template import REASONING_KEYS, render_template
 
 ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_SYSTEM = "You are Kimi, an AI assistant created by Moonshot AI."
+
+
+class Special(str):
+    """A piece of the prompt that is a control token (the rest is text, even if it looks like one)."""
+
+
+IM_SYSTEM, IM_USER, IM_ASSISTANT, IM_MIDDLE, IM_END = map(Special, [
+    "<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>", "<|im_end|>"])
+THINK, END_THINK = Special("<think>"), Special("</think>")
+SECTION_BEGIN, SECTION_END = Special("<|tool_calls_section_begin|>"), Special("<|tool_calls_section_end|>")
+CALL_BEGIN, ARG_BEGIN, CALL_END = map(Special, [
+    "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"])
 # user and assistant turns have their own markers; every other role (system, tool, tool_declare) is system.
-_TURN_MARKER = {"user": "<|im_user|>", "assistant": "<|im_assistant|>"}
-_IMAGE_PIECES = (("<|media_start|>", True), ("image", False), ("<|media_content|>", True),
-                 ("<|media_pad|>", True), ("<|media_end|>", True), ("\n", False))
+_TURN_MARKER = {"user": IM_USER, "assistant": IM_ASSISTANT, "system": IM_SYSTEM, "tool": IM_SYSTEM}
+_IMAGE = (Special("<|media_start|>"), "image", Special("<|media_content|>"), Special("<|media_pad|>"),
+          Special("<|media_end|>"), "\n")
+_SYSTEM_TURN = (IM_SYSTEM, "system", IM_MIDDLE, DEFAULT_SYSTEM, IM_END)
+_GENERATION_PROMPT = (IM_ASSISTANT, "assistant", IM_MIDDLE)
 
 
 def _is_image(part: dict) -> bool:
@@ -32,21 +46,28 @@ def _is_image(part: dict) -> bool:
 
 
 def _reasoning(message: dict):
-    return next((message[k] for k in REASONING_KEYS if message.get(k) is not None), None)
+    for key in REASONING_KEYS:
+        if message.get(key) is not None:
+            return message[key]
+    return None
 
 
-def _check_content(content, where):
-    if content is None or isinstance(content, str):
+def _where(i, role):
+    return f"message {i} ({role})"
+
+
+def _check_content(content, i, role):
+    if content is None or type(content) is str:
         return
     if not isinstance(content, list):
-        raise ValueError(f"{where}: content must be a string, a list of content parts or null, "
+        raise ValueError(f"{_where(i, role)}: content must be a string, a list of content parts or null, "
                          f"got {type(content).__name__}")
     for j, part in enumerate(content):
         if isinstance(part, dict) and (_is_image(part) or (part.get("type", "text") == "text"
                                                              and isinstance(part.get("text"), str))):
             continue
-        raise ValueError(f"{where}: content[{j}] must be {{'type': 'text', 'text': str}} or an image part "
-                         f"({{'type': 'image_url', ...}}), got {str(part)[:80]}")
+        raise ValueError(f"{_where(i, role)}: content[{j}] must be {{'type': 'text', 'text': str}} or an image "
+                         f"part ({{'type': 'image_url', ...}}), got {str(part)[:80]}")
 
 
 def _canonical_index(call_id, name):
@@ -59,14 +80,15 @@ def _canonical_index(call_id, name):
     return None
 
 
-def _check_call(call, where):
+def _check_call(call, i, j):
     """Validate one assistant tool call; returns the function name."""
     fn = call.get("function") if isinstance(call, dict) else None
+    where = f"message {i} (assistant) tool_calls[{j}]"
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
         raise ValueError(f"{where}: expected {{'id': str, 'type': 'function', 'function': "
                          f"{{'name': str, 'arguments': JSON}}}}, got {str(call)[:80]}")
     name, args = fn["name"], fn.get("arguments")
-    if isinstance(args, str):
+    if type(args) is str:
         try:
             json.loads(args)
         except ValueError as e:
@@ -78,13 +100,15 @@ def _check_call(call, where):
             json.dumps(args)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{where} ({name}): arguments are not JSON-serialisable: {e}") from None
-    if call.get("id") is not None and not isinstance(call["id"], str):
-        raise ValueError(f"{where} ({name}): id must be a string, got {call['id']!r}")
+    call_id = call.get("id")
+    if call_id is not None and type(call_id) is not str:
+        raise ValueError(f"{where} ({name}): id must be a string, got {call_id!r}")
     return name
 
 
 def prepare_messages(messages) -> list[dict]:
-    """Validate a conversation and canonicalise tool-call ids; returns new message dicts.
+    """Validate a conversation and canonicalise tool-call ids; returns a new list (messages that change
+    are copied; the caller's dicts are never modified).
 
     Ids already of the form `functions.{name}:{idx}` are kept, and the counter moves past their idx;
     any other id (`call_abc123`, a UUID, missing) becomes `functions.{name}:{counter}`. A tool result
@@ -94,28 +118,27 @@ def prepare_messages(messages) -> list[dict]:
         raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
     out, id_map, counter = [], {}, 0
     for i, message in enumerate(messages):
-        where = f"message {i}"
         if not isinstance(message, dict):
-            raise ValueError(f"{where}: expected a dict with 'role' and 'content', got {type(message).__name__}")
+            raise ValueError(f"message {i}: expected a dict with 'role' and 'content', got {type(message).__name__}")
         role = message.get("role")
-        if role not in ROLES:
-            raise ValueError(f"{where}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
-        where = f"message {i} ({role})"
-        _check_content(message.get("content"), where)
-        if message.get("name") is not None and not isinstance(message["name"], str):
-            raise ValueError(f"{where}: name must be a string, got {message['name']!r}")
-        message = dict(message)
+        if role not in _TURN_MARKER:
+            raise ValueError(f"message {i}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        _check_content(message.get("content"), i, role)
+        name = message.get("name")
+        if name is not None and type(name) is not str:
+            raise ValueError(f"{_where(i, role)}: name must be a string, got {name!r}")
         if role == "assistant":
             reasoning = _reasoning(message)
-            if reasoning is not None and not isinstance(reasoning, str):
-                raise ValueError(f"{where}: reasoning_content must be a string, got {type(reasoning).__name__}")
+            if reasoning is not None and type(reasoning) is not str:
+                raise ValueError(f"{_where(i, role)}: reasoning_content must be a string, "
+                                 f"got {type(reasoning).__name__}")
             calls = message.get("tool_calls")
             if calls:
                 if not isinstance(calls, list):
-                    raise ValueError(f"{where}: tool_calls must be a list, got {type(calls).__name__}")
+                    raise ValueError(f"{_where(i, role)}: tool_calls must be a list, got {type(calls).__name__}")
                 renamed = []
                 for j, call in enumerate(calls):
-                    name = _check_call(call, f"{where} tool_calls[{j}]")
+                    name = _check_call(call, i, j)
                     old_id = call.get("id")
                     idx = _canonical_index(old_id, name)
                     if idx is None:
@@ -124,17 +147,19 @@ def prepare_messages(messages) -> list[dict]:
                         new_id, counter = old_id, max(counter, idx + 1)
                     if old_id is not None:
                         id_map[old_id] = new_id
-                    renamed.append({**call, "id": new_id})
-                message["tool_calls"] = renamed
+                    renamed.append(call if new_id == old_id else {**call, "id": new_id})
+                message = {**message, "tool_calls": renamed}
         elif role == "tool":
             call_id = message.get("tool_call_id")
-            if not isinstance(call_id, str) or not call_id:
-                raise ValueError(f"{where}: missing 'tool_call_id'; expected the id of an earlier assistant "
-                                 f"tool call")
-            if call_id not in id_map:
-                raise ValueError(f"{where}: tool_call_id {call_id!r} does not match any earlier assistant "
-                                 f"tool call")
-            message["tool_call_id"] = id_map[call_id]
+            if type(call_id) is not str or not call_id:
+                raise ValueError(f"{_where(i, role)}: missing 'tool_call_id'; expected the id of an earlier "
+                                 f"assistant tool call")
+            new_id = id_map.get(call_id)
+            if new_id is None:
+                raise ValueError(f"{_where(i, role)}: tool_call_id {call_id!r} does not match any earlier "
+                                 f"assistant tool call")
+            if new_id != call_id:
+                message = {**message, "tool_call_id": new_id}
         out.append(message)
     return out
 
@@ -147,61 +172,60 @@ def _check_tools(tools):
                          "({'type': 'function', 'function': {'name', 'description', 'parameters'}})")
 
 
-def _pieces(messages, tools, add_generation_prompt, thinking) -> list[tuple[str, bool]]:
-    """The prompt as (text, is_special_token) pieces, in the official template's order."""
+def _pieces(messages, tools, add_generation_prompt, thinking) -> list[str]:
+    """The prompt as a list of strings in the official template's order; control tokens are `Special`."""
     out = []
-    add = out.append
+    add, extend = out.append, out.extend
 
     def content(message):
         c = message.get("content")
-        if isinstance(c, str):
-            add((c, False))
+        if type(c) is str:
+            add(c)
         elif c is not None:
             for part in c:
                 if _is_image(part):
-                    out.extend(_IMAGE_PIECES)
+                    extend(_IMAGE)
                 else:
-                    add((part["text"], False))
+                    add(part["text"])
 
     if tools:
-        out += [("<|im_system|>", True), ("tool_declare", False), ("<|im_middle|>", True),
-                (json.dumps(tools, ensure_ascii=False), False), ("<|im_end|>", True)]
+        extend((IM_SYSTEM, "tool_declare", IM_MIDDLE, json.dumps(tools, ensure_ascii=False), IM_END))
     if not messages or messages[0]["role"] != "system":
-        out += [("<|im_system|>", True), ("system", False), ("<|im_middle|>", True),
-                (DEFAULT_SYSTEM, False), ("<|im_end|>", True)]
+        extend(_SYSTEM_TURN)
     # K2-Thinking keeps reasoning only after the last assistant turn without tool calls (the agentic
     # loop in progress); earlier assistant turns get an empty <think></think>.
-    last_final = max((i for i, m in enumerate(messages) if m["role"] == "assistant" and not m.get("tool_calls")),
-                     default=-1)
+    last_final = -1
+    for i in range(len(messages) - 1, -1, -1):
+        if messages[i]["role"] == "assistant" and not messages[i].get("tool_calls"):
+            last_final = i
+            break
     for i, message in enumerate(messages):
         role = message["role"]
-        add((_TURN_MARKER.get(role, "<|im_system|>"), True))
-        add((message.get("name") or role, False))
-        add(("<|im_middle|>", True))
+        extend((_TURN_MARKER[role], message.get("name") or role, IM_MIDDLE))
         if role == "assistant":
             if thinking:
-                add(("<think>", True))
                 if i > last_final:
-                    add((_reasoning(message) or "", False))
-                add(("</think>", True))
+                    extend((THINK, _reasoning(message) or "", END_THINK))
+                else:
+                    extend((THINK, END_THINK))
             content(message)
-            if message.get("tool_calls"):
-                add(("<|tool_calls_section_begin|>", True))
-                for call in message["tool_calls"]:
+            calls = message.get("tool_calls")
+            if calls:
+                add(SECTION_BEGIN)
+                for call in calls:
                     args = call["function"]["arguments"]
-                    if not isinstance(args, str):
+                    if type(args) is not str:
                         args = json.dumps(args, ensure_ascii=False)
-                    out += [("<|tool_call_begin|>", True), (call["id"], False),
-                            ("<|tool_call_argument_begin|>", True), (args, False), ("<|tool_call_end|>", True)]
-                add(("<|tool_calls_section_end|>", True))
+                    extend((CALL_BEGIN, call["id"], ARG_BEGIN, args, CALL_END))
+                add(SECTION_END)
         elif role == "tool":
-            add((f"## Return of {message['tool_call_id']}\n", False))
+            add(f"## Return of {message['tool_call_id']}\n")
             content(message)
         else:
             content(message)
-        add(("<|im_end|>", True))
+        add(IM_END)
     if add_generation_prompt:
-        out += [("<|im_assistant|>", True), ("assistant", False), ("<|im_middle|>", True)]
+        extend(_GENERATION_PROMPT)
     return out
 
 
@@ -212,7 +236,7 @@ def render(messages, tools=None, add_generation_prompt=True, thinking=True, temp
     messages = prepare_messages(messages)
     if template is not None:
         return render_template(template, messages, tools, add_generation_prompt, thinking=thinking)
-    return "".join(text for text, _ in _pieces(messages, tools, add_generation_prompt, thinking))
+    return "".join(_pieces(messages, tools, add_generation_prompt, thinking))
 
 
 def assistant_mask(ids, tokenizer) -> list[int]:
@@ -239,11 +263,12 @@ def assistant_mask(ids, tokenizer) -> list[int]:
 
 def _encode_pieces(pieces, tokenizer) -> list[int]:
     """Template text and user text are encoded as plain text (a literal `<|im_end|>` in a message stays
-    text); only the pieces the renderer marked as special become control ids. Text between two
-    specials is encoded in one go, exactly as encoding the whole prompt with specials allowed would."""
+    text); only `Special` pieces become control ids. Text between two specials is encoded in one go,
+    exactly as encoding the whole prompt with specials allowed would."""
     ids, text = [], []
-    for piece, special in pieces:
-        token_id = tokenizer.special_tokens.get(piece) if special else None
+    specials = tokenizer.special_tokens
+    for piece in pieces:
+        token_id = specials.get(piece) if type(piece) is Special else None
         if token_id is None:
             text.append(piece)
             continue

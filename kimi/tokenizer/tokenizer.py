@@ -11,7 +11,6 @@ import codecs
 import json
 import re
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from pathlib import Path
 
 import tiktoken
@@ -52,26 +51,37 @@ _WINDOW_CHARS = 400_000
 _MAX_RUN_CHARS = 25_000
 
 
-@lru_cache(maxsize=4)
-def _long_run_regex(max_run: int):
-    # Python's `\s` on str is exactly `str.isspace`, which is what Kimi's splitter tests per character.
-    # The lookbehinds make each run be tried only at its first character, so the scan stays linear.
-    return re.compile(rf"(?<!\S)\S{{{max_run + 1},}}|(?<!\s)\s{{{max_run + 1},}}")
-
-
 def reserved_name(token_id: int) -> str:
     return f"<|reserved_token_{token_id}|>"
 
 
-def _may_have_long_run(window: str, max_run: int) -> bool:
-    """Cheap pre-check: a run longer than `max_run` contains a whole aligned block of (max_run+1)//2
-    characters that is all whitespace or has none, so ordinary text is dismissed with C-speed scans."""
+def _long_runs(window: str, max_run: int):
+    """(start, end) of each maximal run of whitespace (`str.isspace`, Kimi's per-character test) or of
+    non-whitespace longer than `max_run`, in order.
+
+    Such a run contains a whole aligned block of (max_run+1)//2 characters that is all whitespace or
+    has none, so only those blocks are looked at, and each is grown to its run with C-speed string
+    methods; ordinary text is dismissed after one cheap test per block.
+    """
     block = (max_run + 1) // 2
-    for start in range(0, len(window) - block + 1, block):
-        chunk = window[start:start + block]
-        if chunk.isspace() or len(chunk.split(maxsplit=1)[0]) == block:
-            return True
-    return False
+    done = 0  # runs end at or before `done`; a char at done-1 and one at done differ in class
+    for b in range(0, len(window) - block + 1, block):
+        if b < done:
+            continue
+        chunk = window[b:b + block]
+        if chunk.isspace():
+            head, tail = window[done:b], window[b:]
+            start = b - (len(head) - len(head.rstrip()))
+            end = b + len(tail) - len(tail.lstrip())
+        elif len(chunk.split(maxsplit=1)[0]) == block:
+            head = window[done:b]
+            start = b - len(head.rsplit(maxsplit=1)[-1]) if head and not head[-1].isspace() else b
+            end = b + len(window[b:].split(maxsplit=1)[0])
+        else:
+            continue
+        if end - start > max_run:
+            yield start, end
+        done = end
 
 
 def split_long_input(text: str, max_run: int = _MAX_RUN_CHARS, window: int = _WINDOW_CHARS) -> list[str]:
@@ -81,14 +91,11 @@ def split_long_input(text: str, max_run: int = _MAX_RUN_CHARS, window: int = _WI
     if len(text) <= max_run:
         return [text]
     pieces = []
-    for start in range(0, len(text), window):
-        chunk = text[start:start + window]
-        if not _may_have_long_run(chunk, max_run):
-            pieces.append(chunk)
-            continue
+    for w0 in range(0, len(text), window):
+        chunk = text[w0:w0 + window]
         cut = 0
-        for run in _long_run_regex(max_run).finditer(chunk):
-            for edge in range(run.start() + max_run, run.end(), max_run):
+        for start, end in _long_runs(chunk, max_run):
+            for edge in range(start + max_run, end, max_run):
                 pieces.append(chunk[cut:edge])
                 cut = edge
         pieces.append(chunk[cut:])
