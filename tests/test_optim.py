@@ -385,6 +385,7 @@ def _train_sharded(model, x, y, steps=3):
 def _fsdp_worker(rank, world, init_file, out_file):
     from torch.distributed.fsdp import fully_shard
 
+    torch.set_num_threads(1)  # two ranks share the CPU cores
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = _Sharded()

@@ -167,6 +167,7 @@ def test_bad_input():
 def _dp_worker(rank, world, init_file, out_dir):
     from torch.distributed.fsdp import fully_shard
 
+    torch.set_num_threads(1)  # two ranks share the CPU cores
     torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         model = _mla(torch.float32, {})
