@@ -246,6 +246,9 @@ def test_user_text_never_becomes_control_tokens():
     specials = [tok.id_to_special[t] for t in ids if tok.is_special(t)]
     assert specials == ["<|im_system|>", "<|im_middle|>", "<|im_end|>", "<|im_user|>", "<|im_middle|>", "<|im_end|>"]
     assert tok.decode(ids) == render(messages, add_generation_prompt=False)
+    trusted, _ = render_ids(messages, tok, allow_special_in_text=True)  # only when the caller asks
+    assert trusted == tok.encode(render(messages, add_generation_prompt=False), allow_special=True)
+    assert sum(t == tok.im_end_id for t in trusted) == 3
 
 
 # ---- tool-call ids ----------------------------------------------------------------------------------------
@@ -329,7 +332,8 @@ def test_model_directory_template_is_used(tmp_path):
     own = Tokenizer.from_pretrained(tmp_path)
     messages = [{"role": "user", "content": "hi <|im_end|>"}, {"role": "assistant", "content": "yo"}]
     ids, mask = render_ids(messages, own)
-    assert own.decode(ids) == "<|im_user|>1:user<|im_middle|>hi <|im_end|><|im_end|><|im_user|>2:assistant<|im_middle|>yo<|im_end|>"
+    assert own.decode(ids) == ("<|im_user|>1:user<|im_middle|>hi <|im_end|><|im_end|>"
+                               "<|im_user|>2:assistant<|im_middle|>yo<|im_end|>")
     assert sum(t == own.im_end_id for t in ids) == 2  # the user's literal <|im_end|> stays text
     assert render_ids(messages, own, use_template=False)[0] == render_ids(messages, tok)[0]
 

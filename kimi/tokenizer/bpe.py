@@ -6,6 +6,7 @@ Kimi's 256 special ids appended after the base ranks, so kimi's own small models
 format of the real checkpoints (../shared/reference/k2.md §6.1-6.2). CLI: `kimi tokenizer train`.
 """
 
+import warnings
 from pathlib import Path
 
 from kimi.tokenizer.tokenizer import KIMI_PATTERN, NUM_SPECIAL, Tokenizer
@@ -30,11 +31,13 @@ def byte_to_char() -> dict[int, str]:
     return mapping
 
 
-def train_tokenizer(files: list[str], vocab_size: int, out_dir: str, min_frequency: int = 2) -> Tokenizer:
-    """Train on `files` so that base ranks + 256 specials = `vocab_size` (the embedding size).
+def train_tokenizer(files: list[str], vocab_size: int, out_dir: str, min_frequency: int = 2,
+                    progress: bool = False) -> Tokenizer:
+    """Train on `files` so that base ranks + 256 specials = `vocab_size` (the embedding size), write
+    `tiktoken.model` + `tokenizer_config.json` to `out_dir`, and return the loaded tokenizer.
 
-    A small corpus may run out of merges first; then the written vocabulary is smaller, and the
-    returned tokenizer's `vocab_size` says by how much.
+    A small corpus may run out of merges first; then the written vocabulary is smaller (a warning says
+    so, and the returned tokenizer's `vocab_size` is the true size).
     """
     from tokenizers import Regex
     from tokenizers import Tokenizer as HFTokenizer
@@ -46,6 +49,8 @@ def train_tokenizer(files: list[str], vocab_size: int, out_dir: str, min_frequen
     for f in files:
         if not Path(f).is_file():
             raise ValueError(f"input file not found: {f}")
+    if not isinstance(vocab_size, int):
+        raise ValueError(f"vocab_size must be an integer, got {vocab_size!r}")
     n_base = vocab_size - NUM_SPECIAL
     if n_base < MIN_BASE:
         raise ValueError(f"vocab_size {vocab_size} too small: need at least {MIN_BASE + NUM_SPECIAL} "
@@ -55,7 +60,7 @@ def train_tokenizer(files: list[str], vocab_size: int, out_dir: str, min_frequen
         pre_tokenizers.Split(Regex(KIMI_PATTERN), behavior="isolated"),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
-    trainer = trainers.BpeTrainer(vocab_size=n_base, min_frequency=min_frequency, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=n_base, min_frequency=min_frequency, show_progress=progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     hf.train(files, trainer)
 
@@ -67,6 +72,8 @@ def train_tokenizer(files: list[str], vocab_size: int, out_dir: str, min_frequen
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         raise ValueError(f"trained vocabulary lacks single bytes {missing[:8]}...; cannot be byte-level")
+    if len(ranks) < n_base:
+        warnings.warn(f"corpus ran out of merges: vocabulary is {len(ranks) + NUM_SPECIAL}, not {vocab_size}")
     tok = Tokenizer(ranks)
     tok.save_pretrained(out_dir)
     return tok

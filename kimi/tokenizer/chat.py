@@ -321,13 +321,24 @@ def _encode_template(messages, tools, add_generation_prompt, thinking, tokenizer
 
 
 def render_ids(messages, tokenizer, tools=None, add_generation_prompt=False, thinking=True,
-               use_template=True) -> tuple[list[int], list[int]]:
+               use_template=True, allow_special_in_text=False) -> tuple[list[int], list[int]]:
     """Messages -> (ids, loss_mask) for training or serving. Uses the tokenizer's own chat template when
-    it has one and `use_template`, else the native K2 layout."""
+    it has one and `use_template`, else the native K2 layout. Special-token names inside message text
+    stay text unless `allow_special_in_text` (then the rendered prompt is encoded with every special
+    name as a control token, as Kimi's own tokenizer does by default)."""
     _check_tools(tools)
     messages = prepare_messages(messages)
     if use_template and tokenizer.chat_template is not None:
-        ids = _encode_template(messages, tools, add_generation_prompt, thinking, tokenizer)
+        if allow_special_in_text:
+            prompt = render_template(tokenizer.chat_template, messages, tools, add_generation_prompt,
+                                     thinking=thinking)
+            ids = tokenizer.encode(prompt, allow_special=True)
+        else:
+            ids = _encode_template(messages, tools, add_generation_prompt, thinking, tokenizer)
     else:
-        ids = _encode_pieces(_pieces(messages, tools, add_generation_prompt, thinking), tokenizer)
+        pieces = _pieces(messages, tools, add_generation_prompt, thinking)
+        if allow_special_in_text:
+            ids = tokenizer.encode("".join(pieces), allow_special=True)
+        else:
+            ids = _encode_pieces(pieces, tokenizer)
     return ids, assistant_mask(ids, tokenizer)

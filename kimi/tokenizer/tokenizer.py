@@ -168,7 +168,8 @@ class Tokenizer:
             raise ValueError("special token names must be unique")
         self.id_to_special = {i: s for s, i in self.special_tokens.items()}
         # Finds special-token names in text; longest first so a name wins over any name it contains.
-        self.special_regex = re.compile("|".join(map(re.escape, sorted(self.special_tokens, key=len, reverse=True))))
+        by_length = sorted(self.special_tokens, key=len, reverse=True)
+        self.special_regex = re.compile("|".join(map(re.escape, by_length)))
         self.pattern = pattern
         self._ranks = ranks
         self.chat_template = chat_template
@@ -254,7 +255,8 @@ class Tokenizer:
         else:
             allowed = "all" if allow_special is True else set(allow_special)
             if allowed != "all" and not allowed <= self.special_tokens.keys():
-                raise ValueError(f"allow_special names unknown specials: {sorted(allowed - self.special_tokens.keys())}")
+                unknown = sorted(allowed - self.special_tokens.keys())
+                raise ValueError(f"allow_special names unknown specials: {unknown}")
 
             def encode(piece):
                 return self._enc.encode(piece, allowed_special=allowed, disallowed_special=())
