@@ -34,7 +34,7 @@ import torch.nn.functional as F
 log = logging.getLogger("kimi")
 
 TAME = 60.0       # nats: a block whose gates decay less than this in every channel needs no splitting (_scores)
-BLOCK = 1 << 20   # elements per [rows, H, C, K] slice worked on at once, so temporaries stay small and warm
+BLOCK = 1 << 18   # elements per [rows, H, C, K] slice worked on at once, so temporaries stay small and warm
 
 
 def _check(q, k, v, g, beta, initial_state, cu_seqlens) -> int:
@@ -266,10 +266,10 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
             S = lanes.retire(S, count)
             r = slice(start - lo, start - lo + count)
             X = WQ[r] @ S                                                 # [n, H, 2C, V]: W S and exp(G) q S
-            Vn = U[r] - X[..., :C, :]                                     # delta-corrected values V'
-            o.append(X[..., C:, :] + Aqk[r] @ Vn)                         # inter-chunk + intra-chunk output
-            S = S * decay[r] + Kd[r] @ Vn
-        outs.append(torch.cat(o).to(q.dtype))
+            Vn = (U[r] - X[..., :C, :]).flatten(0, 1)                     # delta-corrected values V'
+            o.append(torch.baddbmm(X[..., C:, :].flatten(0, 1), Aqk[r].flatten(0, 1), Vn))  # inter + intra
+            S = torch.baddbmm((S * decay[r]).flatten(0, 1), Kd[r].flatten(0, 1), Vn).view_as(S)
+        outs.append(torch.cat(o).view(-1, H, C, V).to(q.dtype))
         return S
 
     S0 = torch.zeros(n_seq, H, K, V, dtype=dt, device=q.device) if initial_state is None else initial_state.to(dt)
