@@ -99,6 +99,10 @@ def test_parse_needs_tokenizer_for_ids():
         parse([1, 2, 3])
     with pytest.raises(ValueError, match="without a tokenizer"):
         StreamParser().push(5)
+    with pytest.raises(ValueError, match="expects text, bytes or a list"):
+        parse(None)
+    with pytest.raises(ValueError, match="push expects"):
+        StreamParser().push(1.5)
 
 
 # ---- streaming == reference ------------------------------------------------------------------------------

@@ -117,6 +117,7 @@ def test_special_tokens_only_when_allowed(tok):
     assert not any(tok.is_special(i) for i in plain) and tok.decode(plain) == text
     allowed = tok.encode(text, allow_special=True)
     assert [i for i in allowed if tok.is_special(i)] == [tok.im_end_id, tok.eos_id, tok.special_id("<think>")]
+    assert tok.encode(text, allow_special="all") == allowed
     only = tok.encode(text, allow_special={"[EOS]"})
     assert [i for i in only if tok.is_special(i)] == [tok.eos_id]
     assert tok.decode(allowed) == text

@@ -117,8 +117,12 @@ def _as_text(completion, tokenizer) -> str:
         return completion
     if isinstance(completion, (bytes, bytearray)):
         return bytes(completion).decode("utf-8", errors="replace")
+    if not isinstance(completion, (list, tuple)) and not hasattr(completion, "tolist"):
+        raise ValueError(f"parse expects text, bytes or a list of token ids, got {type(completion).__name__}")
     if tokenizer is None:
         raise ValueError("parse: token ids need a tokenizer (parse(ids, tokenizer)); or pass text")
+    if hasattr(completion, "tolist"):  # numpy array / torch tensor of ids
+        completion = completion.tolist()
     skipped = _skipped_ids(tokenizer)
     return tokenizer.decode([t for t in completion if t not in skipped])
 
@@ -204,8 +208,10 @@ class StreamParser:
             text = self._bytes.decode(bytes(piece))
         elif isinstance(piece, int):
             text = self._decode_id(piece)
-        else:
+        elif isinstance(piece, (list, tuple)):
             text = "".join(self._decode_id(t) for t in piece)
+        else:
+            raise ValueError(f"push expects a token id, a list of ids, str or bytes, got {type(piece).__name__}")
         self._feed(text)
         return self._take()
 

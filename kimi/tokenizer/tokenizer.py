@@ -246,14 +246,14 @@ class Tokenizer:
         return self.n_base <= token_id < self.vocab_size
 
     def encode(self, text: str, allow_special=False) -> list[int]:
-        """Text -> ids. `allow_special`: False (special-token text stays text), True (all specials
-        become control ids), or a collection of special names to allow."""
+        """Text -> ids. `allow_special`: False (special-token text stays text), True or "all" (every
+        special name becomes its control id), or a collection of special names to allow."""
         if not isinstance(text, str):
             raise ValueError(f"encode expects a str, got {type(text).__name__}")
         if allow_special is False:
             encode = self._enc.encode_ordinary
         else:
-            allowed = "all" if allow_special is True else set(allow_special)
+            allowed = "all" if allow_special is True or allow_special == "all" else set(allow_special)
             if allowed != "all" and not allowed <= self.special_tokens.keys():
                 unknown = sorted(allowed - self.special_tokens.keys())
                 raise ValueError(f"allow_special names unknown specials: {unknown}")
