@@ -62,18 +62,17 @@ def sample(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor,
     if bool(greedy.all()):
         return best
     t = torch.where(greedy, torch.ones_like(temperature), temperature)
-    plain = bool(((top_k <= 0) & (top_p >= 1) & (min_p <= 0)).all())
-    if plain:
-        probs, ids = (logits / t[:, None]).softmax(-1), None
+    if bool(((top_k <= 0) & (top_p >= 1) & (min_p <= 0)).all()):
+        probs = (logits / t[:, None]).softmax(-1)
     else:
-        probs, ids = filter_probs(logits, t, top_k, top_p, min_p)
+        kept, ids = filter_probs(logits, t, top_k, top_p, min_p)
+        probs = torch.zeros_like(logits).scatter_(1, ids, kept)
+    # noise in vocabulary order, V draws per row per step, so a row's draw never depends on how the batch was filtered
     noise = torch.ones_like(probs)
     for row, gen in enumerate(generators):
         if gen is not None and not bool(greedy[row]):
             noise[row].exponential_(generator=gen)
-    choice = (probs / noise).argmax(-1)
-    drawn = choice if ids is None else ids.gather(1, choice[:, None])[:, 0]
-    return torch.where(greedy, best, drawn)
+    return torch.where(greedy, best, (probs / noise).argmax(-1))
 
 
 def logprobs(logits: torch.Tensor, tokens: torch.Tensor, k: int):
