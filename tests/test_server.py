@@ -153,7 +153,7 @@ def test_errors_have_openai_shape(client, server):
     assert e.value.body["param"] == "model" and e.value.status_code == 404
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="demo", messages=[{"role": "wizard", "content": "hi"}])
-    assert "unknown role 'wizard'" in e.value.body["message"]
+    assert e.value.body["param"] == "messages.0.role" and "'user'" in e.value.body["message"]
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="demo", messages=USER, max_tokens=100_000)
     assert "512" in e.value.body["message"] and "100000" in e.value.body["message"]

@@ -55,7 +55,7 @@ class ToolCall(Request):
 
 
 class Message(Request):
-    role: str = Field(description="system | user | assistant | tool")
+    role: Literal["system", "user", "assistant", "tool"]
     content: str | list[TextPart | ImagePart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
