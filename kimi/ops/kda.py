@@ -9,12 +9,12 @@ g is the per-channel log-decay (<= 0, unbounded below in Kimi-Linear-48B). The m
 are in the project reference kda.md (§1.4 recurrence, §2 chunked algorithm; paper arXiv 2510.26692 Eqs. 1-9).
 The float64 oracle twin is kimi/ops/kda_naive.py.
 
-Chunked form, chunk C = 64, G = in-chunk cumulative sum of g (<= 0, non-increasing), for all chunks at once:
+Chunked form, chunk C = 64, G = in-chunk cumulative sum of g (<= 0, non-increasing), batched over many chunks:
   1. Akk[i, j] = beta_i sum_d k_i k_j exp(G_i - G_j) (j < i) and Aqk[i, j] = sum_d q_i k_j exp(G_i - G_j)
-     (j <= i) as matmuls of decay-scaled operands, never exponentiating an unbounded difference (see _scores).
+     (j <= i) as matmuls of decay-scaled operands whose exponents are bounded by TAME / 2 or are <= 0 (_scores).
   2. UT transform: Tb = (I + Akk)^-1 Diag(beta) by one unit-triangular solve; W = Tb (exp(G) k), U = Tb v.
   3. Scan over chunks with state S: V' = U - W S, O = exp(G) q S + Aqk V', S <- exp(G_C) S + Kd^T V', where
-     Kd = exp(G_C - G) k. Every exponent is <= 0.
+     Kd = exp(G_C - G) k. Every exponent here is <= 0; exp(-G) is never formed (kda.md §2).
 The work runs over slices of about BLOCK elements so temporaries stay small: on CPU, fresh large buffers cost more
 in page faults than the arithmetic done in them.
 
