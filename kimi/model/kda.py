@@ -59,8 +59,10 @@ class KDA(nn.Module):
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim) for t in qkv.chunk(3, dim=-1))
         g = self.gate(x)
         beta = torch.sigmoid(self.b_proj(x).float())  # [B, T, H]
-        o, new_state = kda(q, k, v, g, beta, initial_state=state, output_final_state=cache is not None,
-                           use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens)
+        # The op picks its own compute dtype (fp32 state and decays); autocast would push its matmuls to bf16.
+        with torch.autocast(x.device.type, enabled=False):
+            o, new_state = kda(q, k, v, g, beta, initial_state=state, output_final_state=cache is not None,
+                               use_qk_l2norm_in_kernel=True, cu_seqlens=cu_seqlens)
         if cache is not None:
             cache.set_kda_state(self.layer_idx, new_conv, new_state)
         gate = self.g_b_proj(self.g_a_proj(x)).view(B, T, self.num_heads, self.head_dim)
