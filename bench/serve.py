@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -102,7 +101,8 @@ async def load(url, prompts, max_tokens, concurrency):
     itl = [g for r in ok for g in r["itl"]]
     return {"concurrency": concurrency, "requests": len(prompts), "errors": len(errors), "first_error": errors[:1],
             "wall_s": wall, "output_tok_s": sum(r["out"] for r in ok) / wall,
-            "ttft_p50_ms": 1e3 * pct([r["ttft"] for r in ok], 50), "ttft_p99_ms": 1e3 * pct([r["ttft"] for r in ok], 99),
+            "ttft_p50_ms": 1e3 * pct([r["ttft"] for r in ok], 50),
+            "ttft_p99_ms": 1e3 * pct([r["ttft"] for r in ok], 99),
             "tpot_p50_ms": 1e3 * pct([r["tpot"] for r in ok if r["tpot"]], 50),
             "tpot_p99_ms": 1e3 * pct([r["tpot"] for r in ok if r["tpot"]], 99),
             "itl_p50_ms": 1e3 * pct(itl, 50), "itl_p99_ms": 1e3 * pct(itl, 99)}

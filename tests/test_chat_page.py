@@ -1,5 +1,6 @@
-"""The chat page at / in a real headless browser (Debian's chromium via selenium) against a live server; skipped
-cleanly where selenium, chromium or chromedriver is missing. Also `kimi chat --url` in a pipe against the same server."""
+"""The chat page at / in a real headless browser (Debian's chromium via selenium) against a live server;
+skipped cleanly where selenium, chromium or chromedriver is missing. Also `kimi chat --url` in a pipe against the
+same server."""
 
 from __future__ import annotations
 

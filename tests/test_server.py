@@ -161,7 +161,8 @@ def test_errors_have_openai_shape(client, server):
         client.chat.completions.create(model="demo", messages=USER, tool_choice="required")
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="demo", messages=USER, temperature=-1)
-    r = httpx.post(url + "/v1/chat/completions", content=b'{"messages": [', headers={"content-type": "application/json"})
+    r = httpx.post(url + "/v1/chat/completions", content=b'{"messages": [',
+                   headers={"content-type": "application/json"})
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
     r = httpx.get(url + "/v1/nothing-here")
     assert r.status_code == 404 and set(r.json()["error"]) == {"message", "type", "param", "code"}

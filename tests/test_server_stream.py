@@ -115,8 +115,8 @@ def test_parallel_false_keeps_the_first_call(tok):
 
 
 def test_non_canonical_call_id_is_rewritten(tok):
-    msg = run(tok, "<|tool_calls_section_begin|>" + CALL.replace("functions.{}:{}", "{}{}").format("add", "", '{"a": 1}'),
-              plan())[0].message()
+    bare = "<|tool_call_begin|>add<|tool_call_argument_begin|>{\"a\": 1}<|tool_call_end|>"
+    msg = run(tok, "<|tool_calls_section_begin|>" + bare, plan())[0].message()
     assert msg["tool_calls"][0]["id"] == "functions.add:0"
 
 

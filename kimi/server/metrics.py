@@ -75,7 +75,8 @@ class Metrics:
             for name, value, help in (
                     ("kimi:prompt_tokens_total", self.prompt_tokens, "Prompt tokens of finished requests."),
                     ("kimi:generation_tokens_total", self.generation_tokens, "Generated tokens."),
-                    ("kimi:prompt_cached_tokens_total", self.cached_tokens, "Prompt tokens served from the prefix cache."),
+                    ("kimi:prompt_cached_tokens_total", self.cached_tokens,
+                     "Prompt tokens served from the prefix cache."),
                     ("kimi:invalid_tool_calls_total", self.invalid_tool_calls,
                      "Tool calls whose arguments did not parse or validate.")):
                 lines += [f"# HELP {name} {help}", f"# TYPE {name} counter", f"{name} {value}"]
