@@ -1,88 +1,126 @@
-"""`kimi` command line: one argparse entry, one subcommand per job. Heavy imports happen inside each command."""
+"""`kimi` command line: one argparse entry, one subcommand per job.
+
+Each subcommand's flags live beside its code (`add_*_arguments` / `*_main` in its module); a module is imported only
+when its subcommand runs, so `kimi info` does not pay for importing the server or torch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 
+# command -> (help, module, add-arguments function, main function)
+COMMANDS = {
+    "serve": ("serve the OpenAI-compatible API (and a chat page at /)", "kimi.server.app",
+              "add_serve_arguments", "serve_main"),
+    "chat": ("chat in the terminal with a served or local model", "kimi.chat_cli", "add_chat_arguments", "chat_main"),
+    "generate": ("generate a continuation of a prompt (streams to stdout)", "kimi.cli",
+                 "add_generate_arguments", "generate_main"),
+    "info": ("print a model's size, cache cost and FLOPs from its config.json", "kimi.cli",
+             "add_info_arguments", "info_main"),
+    "convert": ("convert a model directory between bf16, block-FP8 and INT4-expert formats", "kimi.convert",
+                "add_convert_arguments", "convert_main"),
+    "tokenizer": ("tokenizer tools: `kimi tokenizer train`", "kimi.cli", "add_tokenizer_arguments", None),
+}
 
-def cmd_info(args) -> None:
+
+def add_info_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("path", help="a model directory or a bare config.json")
+
+
+def info_main(args) -> None:
     from kimi.config import ModelConfig
     from kimi.model.cost import describe
 
     print(describe(ModelConfig.from_pretrained(args.path)))
 
 
-def cmd_generate(args) -> None:
-    import torch
+def add_generate_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model directory (default: build or reuse the tiny demo model)")
+    p.add_argument("--demo-dir", default="runs/demo", help="where the demo model is built when --model is absent")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min_p x the top token's probability")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages repeated tokens")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: the config's)")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
 
-    from kimi.model.generate import generate
-    from kimi.model.loader import load_model
-    from kimi.tokenizer.tokenizer import Tokenizer
+
+def generate_main(args) -> None:
+    from kimi.engine.engine import LLMEngine
+    from kimi.engine.sampling_params import SamplingParams
 
     model_dir = args.model
     if model_dir is None:
         from kimi.demo import ensure_demo_model
 
         model_dir = ensure_demo_model(args.demo_dir)
-    torch.manual_seed(0)
-    model = load_model(model_dir, dtype=args.dtype, device=args.device)
-    tok = Tokenizer.from_pretrained(model_dir)
-    ids = tok.encode(args.prompt)
-    out = generate(model, ids, args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                   seed=args.seed, stop_ids=tok.stop_ids)[0]
-    print(args.prompt + tok.decode(out))
+    engine = LLMEngine(model_dir, dtype=args.dtype, device=args.device)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
+                            stop=args.stop)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    shown = 0
+    for out in engine.stream(args.prompt, params):
+        text = out.text or ""
+        sys.stdout.write(text[shown:])
+        sys.stdout.flush()
+        shown = len(text)
+    sys.stdout.write("\n")
 
 
-def cmd_tokenizer_train(args) -> None:
+def add_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
+    t = sub.add_parser("train", help="train a byte-level BPE and write it in Kimi's tiktoken format")
+    t.add_argument("--input", nargs="+", required=True, help="text files to train on")
+    t.add_argument("--vocab-size", type=int, required=True, help="embedding size: base ranks + 256 special ids")
+    t.add_argument("--out", required=True, help="output directory")
+    t.set_defaults(func=tokenizer_train_main)
+
+
+def tokenizer_train_main(args) -> None:
     from kimi.tokenizer.bpe import train_tokenizer
 
-    train_tokenizer(args.input, args.vocab_size, args.out)
-    print(f"wrote {args.out}/tiktoken.model and {args.out}/tokenizer_config.json")
+    tok = train_tokenizer(args.input, args.vocab_size, args.out, progress=True)
+    print(f"wrote {args.out}/tiktoken.model and {args.out}/tokenizer_config.json (vocab size {tok.vocab_size})")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only `command`'s own flags are added (the others are listed by name and help only)."""
     p = argparse.ArgumentParser(prog="kimi", description="Kimi K2 / Kimi Linear: models, training, serving.")
     p.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    s = sub.add_parser("info", help="print a model's size, cache cost and FLOPs from its config.json")
-    s.add_argument("path", help="a model directory or a bare config.json")
-    s.set_defaults(func=cmd_info)
-
-    s = sub.add_parser("generate", help="generate a continuation of a prompt with the reference generate")
-    s.add_argument("--model", default=None, help="model directory (default: build or reuse the tiny demo model)")
-    s.add_argument("--demo-dir", default="runs/demo", help="where the demo model is built when --model is absent")
-    s.add_argument("--prompt", required=True, help="the text to continue")
-    s.add_argument("--max-tokens", type=int, default=64, help="tokens to generate")
-    s.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    s.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
-    s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
-    s.add_argument("--seed", type=int, default=0, help="sampling seed")
-    s.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: the config's)")
-    s.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
-    s.set_defaults(func=cmd_generate)
-
-    s = sub.add_parser("tokenizer", help="tokenizer tools")
-    tsub = s.add_subparsers(dest="tokenizer_command", required=True, metavar="ACTION")
-    t = tsub.add_parser("train", help="train a byte-level BPE and write it in Kimi's tiktoken format")
-    t.add_argument("--input", nargs="+", required=True, help="text files to train on")
-    t.add_argument("--vocab-size", type=int, required=True, help="base vocabulary size (specials come on top)")
-    t.add_argument("--out", required=True, help="output directory")
-    t.set_defaults(func=cmd_tokenizer_train)
+    for name, (help_text, module, add_args, main_fn) in COMMANDS.items():
+        s = sub.add_parser(name, help=help_text, description=help_text)
+        if command == name:
+            mod = importlib.import_module(module)
+            getattr(mod, add_args)(s)
+            if main_fn:
+                s.set_defaults(func=getattr(mod, main_fn))
     return p
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         args.func(args)
     except ValueError as e:
         print(f"kimi {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":
