@@ -12,7 +12,6 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import kimi
@@ -353,3 +352,17 @@ def test_peak_memory_while_loading_is_at_most_1_2x_the_model(tmp_path):
           f"= {r['peak'] / r['size']:.3f}x")
     assert r["size"] >= 200 * 2**20
     assert r["peak"] <= 1.2 * r["size"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", WRITERS)
+def test_keep_mode_on_gpu_matches_cpu_dequantised(fmt, tmp_path):
+    model = build_model(tiny("k2"), dtype=torch.bfloat16)
+    WRITERS[fmt](model, tmp_path)
+    gpu = kimi.load_model(tmp_path, dtype=torch.float32, device="cuda")
+    cpu = kimi.load_model(tmp_path, dtype=torch.float32, quantized="dequantize")
+    assert any(isinstance(m, (Fp8Experts, Int4Experts)) for m in gpu.modules())
+    ids = torch.randint(0, 96, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        got, want = gpu(ids.cuda()).cpu(), cpu(ids)
+    assert (got - want).abs().max() <= 1e-3 * want.abs().max()

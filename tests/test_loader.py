@@ -88,7 +88,7 @@ def test_pickles_are_never_loaded(tmp_path):
 
 
 # ---- quantised checkpoints and corrupt files ----------------------------------------------------------------------
-from tests.test_checkpoints import K2_INSTRUCT_QC, K2_THINKING_QC, tiny, write_k2_instruct, write_k2_thinking  # noqa: E402
+from tests.test_checkpoints import K2_THINKING_QC, tiny, write_k2_instruct, write_k2_thinking  # noqa: E402
 
 
 @pytest.fixture

@@ -241,14 +241,13 @@ def _load(path: Path, dtype, device, dense_only: tuple[str, ...] | None):
         model = Transformer(cfg)
     if scheme is not None:
         quantize_model(model, scheme, skip=())
-    plan = _plan(model, shards, dtype)
+    plan, shapes = _plan(model, shards, dtype)
     targets: dict[str, torch.Tensor] = {}
     for file, shard in shards.items():
         try:
-            for e, pname, expert, want in plan.get(file, ()):
+            for e, pname, expert, want in plan[file]:
                 if pname not in targets:
-                    shape = plan.shapes[pname]
-                    targets[pname] = torch.empty(shape, dtype=want, device=device)
+                    targets[pname] = torch.empty(shapes[pname], dtype=want, device=device)
                     _set(model, pname, targets[pname])
                 src = shard.read(e)
                 (targets[pname] if expert is None else targets[pname][expert]).copy_(src)
@@ -280,21 +279,17 @@ def _skip_init():
             setattr(nn.init, n, f)
 
 
-class _Plan(dict):
-    """{file: [(entry, model tensor name, expert index or None, target dtype)]} in file order, plus shapes."""
-
-    shapes: dict[str, tuple[int, ...]]
-
-
-def _plan(model: Transformer, shards: dict[str, Shard], dtype: torch.dtype) -> _Plan:
+def _plan(model: Transformer, shards: dict[str, Shard], dtype: torch.dtype):
     """Match every checkpoint tensor to a model tensor and check names, shapes, dtypes and completeness from the
-    headers alone, so nothing is read from a checkpoint that cannot load."""
+    headers alone, so nothing is read from a checkpoint that cannot load. Returns ({file: [(entry, model tensor
+    name, expert index or None, target dtype)] in file order}, {model tensor name: full shape})."""
     cfg = model.config
     expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
     quant = {f"{n}.{t}" for n, m in model.named_modules() if isinstance(m, QUANT_MODULES)
              for t, _ in [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]}
-    plan, seen = _Plan(), {}
-    plan.shapes = {}
+    plan: dict[str, list] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
+    seen: dict[tuple, str] = {}
     for file, shard in shards.items():
         rows = []
         for e in sorted(shard.entries.values(), key=lambda e: e.start):
@@ -326,10 +321,10 @@ def _plan(model: Transformer, shards: dict[str, Shard], dtype: torch.dtype) -> _
             if key in seen:
                 raise ValueError(f"{where} duplicates {seen[key]} (both load into {pname})")
             seen[key] = f"{file}: {e.name!r}"
-            plan.shapes[pname] = tuple(ref.shape)
+            shapes[pname] = tuple(ref.shape)
             rows.append((e, pname, expert, want))
         plan[file] = rows
-    missing = [n for n in expected if n not in plan.shapes]
+    missing = [n for n in expected if n not in shapes]
     if missing:
         raise ValueError(f"{model_dir(shards)}: the checkpoint lacks {len(missing)} tensor(s) the model needs, "
                          f"e.g. {missing[:3]}{_ckpt_hint(model, missing[0])}")
@@ -343,7 +338,7 @@ def _plan(model: Transformer, shards: dict[str, Shard], dtype: torch.dtype) -> _
             missing = sorted(set(range(n)) - got)
             raise ValueError(f"{model_dir(shards)}: the checkpoint lacks tensor {_ckpt_name(model, pname, missing[0])!r}"
                              f" (experts {missing[:8]} of {pname})")
-    return plan
+    return plan, shapes
 
 
 def model_dir(shards: dict[str, Shard]) -> Path:
