@@ -37,9 +37,19 @@ def context_rows(tables: list[list[int]], lengths: list[int], block_size: int, d
 
 def paged_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, rows, mask) -> torch.Tensor:
     """q_nope [B, 1, H, nope], q_pe [B, 1, H, rope]; cache [R, W]; rows: [B, S] indices or a slice (B = 1);
-    mask [B, S] -> [B, 1, H, v]."""
+    mask [B, S] -> [B, 1, H, v]. The absorbed form (MLA.attend_absorbed is its reference), laid out so that both
+    products stream the context row-major as one GEMM per sequence: scores = ctx @ q^T, not q @ ctx^T, which
+    torch runs as a slow per-head strided GEMV for bf16 on CPU."""
     ctx = cache[rows][None] if isinstance(rows, slice) else cache[rows]  # [B, S, W]
-    return mla.attend_absorbed(q_nope, q_pe, ctx, mask[:, None, None, :])
+    r = mla.kv_lora_rank
+    w = mla.kv_b_proj.weight.view(mla.num_heads, mla.qk_nope_head_dim + mla.v_head_dim, r)
+    w_uk, w_uv = w.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=1)  # [H, nope, r], [H, v, r]
+    q = torch.cat([torch.einsum("bhn,hnr->bhr", q_nope[:, 0], w_uk), q_pe[:, 0]], dim=-1)  # [B, H, W]
+    scores = torch.bmm(ctx, q.transpose(1, 2))  # [B, S, H]
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * mla.scale
+    p = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=1).to(ctx.dtype)
+    o_lat = torch.bmm(p.transpose(1, 2), ctx[..., :r])  # [B, H, r]
+    return torch.einsum("bhr,hvr->bhv", o_lat, w_uv)[:, None]
 
 
 def paged_attention_reference(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor,
