@@ -409,9 +409,7 @@ def checkpoint_tensors(model: Transformer, fmt: str | None = None) -> Iterator[t
     its quantised format if it holds quantised modules, else dense in its dtype). Producers make one tensor at
     a time, so writing never holds a second copy of the model."""
     cfg = model.config
-    fmt = fmt or quantized_format(model) or {torch.float32: "fp32"}.get(model.dtype, "bf16")
-    scheme = QuantScheme.for_format(fmt)
-    dense_dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+    scheme, dense_dtype = _resolve_format(model, fmt)
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, Fp8BlockLinear, Int4Linear)):
             if cfg.tie_word_embeddings and name == "lm_head":
@@ -427,6 +425,17 @@ def checkpoint_tensors(model: Transformer, fmt: str | None = None) -> Iterator[t
             for attr, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
                 d = torch.float32 if attr in FP32_NAMES else dense_dtype
                 yield f"{name}.{attr}", lambda t=t, d=d: t.detach().to(d).contiguous()
+
+
+def _resolve_format(model: Transformer, fmt: str | None) -> tuple[QuantScheme | None, torch.dtype]:
+    """(quantisation scheme or None, dtype of the dense tensors) that format fmt writes. None: the model's own
+    quantised format, or dense in the model's dtype."""
+    if fmt is None:
+        fmt = quantized_format(model)
+        if fmt is None:
+            return None, model.dtype
+    scheme = QuantScheme.for_format(fmt)
+    return scheme, torch.float32 if fmt == "fp32" else torch.bfloat16
 
 
 def _linear_tensors(unit: str, module, proj: str | None, e: int | None, scheme: QuantScheme | None,
@@ -535,9 +544,8 @@ def save_model(model: Transformer, path: str | Path, format: str | None = None, 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    fmt = format or quantized_format(model) or {torch.float32: "fp32"}.get(model.dtype, "bf16")
-    scheme = QuantScheme.for_format(fmt)
-    tensors = list(checkpoint_tensors(model, fmt))
+    scheme, dense_dtype = _resolve_format(model, format)
+    tensors = list(checkpoint_tensors(model, format))
     writer = ShardWriter(path, max_shard_bytes)
     for i, (name, make) in enumerate(tensors):
         writer.add(name, make())
@@ -549,7 +557,7 @@ def save_model(model: Transformer, path: str | Path, format: str | None = None, 
     hf.pop("dtype", None)
     if scheme is not None:
         hf["quantization_config"] = scheme.to_config()
-    hf["torch_dtype"] = "float32" if fmt == "fp32" else "bfloat16"
+    hf["torch_dtype"] = str(dense_dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
     source = Path(source) if source is not None else getattr(model, "checkpoint_dir", None)
     copied = []
