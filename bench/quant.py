@@ -17,7 +17,7 @@ VmRSS before, with the high-water mark reset after imports). Correctness in the 
 loaded equals the file's (read back with safetensors), and both loaded models' fp32 logits on one prompt are
 compared.
 
-    python bench/quant.py --skip-matmul --load-mb 220    # loading only
+    python bench/quant.py --skip-matmul --load-mb 220    # loading only (--threads also sets the children's)
 
 Prints the tables, then one JSON line last.
 """
@@ -25,6 +25,7 @@ Prints the tables, then one JSON line last.
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
@@ -236,8 +237,9 @@ def bench_loading(args) -> dict:
         for r in range(args.load_repeat):
             for which in loaders if r % 2 == 0 else loaders[::-1]:
                 out = Path(tmp) / f"{which}.safetensors"
+                env = {**os.environ, **({"OMP_NUM_THREADS": str(args.threads)} if args.threads else {})}
                 proc = subprocess.run([sys.executable, "-c", _LOADER, which, str(path), str(out)],
-                                      capture_output=True, text=True)
+                                      capture_output=True, text=True, env=env)
                 if proc.returncode != 0:
                     raise RuntimeError(f"{which} loader failed:\n{proc.stderr[-2000:]}")
                 runs[which].append(json.loads(proc.stdout.strip().splitlines()[-1]))
