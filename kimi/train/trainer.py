@@ -199,9 +199,10 @@ def train(args) -> dict:
     val = Split(args.data, "val") if "val" in manifest["splits"] else None
     start = 0
     if ckpt is not None:
+        saved = ck.read_state(ckpt)["optimizer_name"]
+        if saved != args.optimizer:
+            raise ValueError(f"{ckpt} was trained with --optimizer {saved}, not {args.optimizer}")
         state = ck.load_training_state(ckpt, opt)
-        if state["optimizer_name"] != args.optimizer:
-            raise ValueError(f"{ckpt} was trained with --optimizer {state['optimizer_name']}, not {args.optimizer}")
         loader.load_state_dict(state["data"])
         start = state["step"]
     net = model
