@@ -366,3 +366,16 @@ def test_keep_mode_on_gpu_matches_cpu_dequantised(fmt, tmp_path):
     with torch.no_grad():
         got, want = gpu(ids.cuda()).cpu(), cpu(ids)
     assert (got - want).abs().max() <= 1e-3 * want.abs().max()
+
+
+@pytest.mark.parametrize("fmt", ["fp8-block", "int4-experts"])
+def test_cast_leaves_quantised_modules_alone(fmt):
+    model = quantize_model(build_model(FAMILIES["k2"](), dtype=torch.float32), fmt)
+    before = {n: t.dtype for n, t in model.state_dict().items()}
+    model.cast(torch.bfloat16)
+    after = {n: t.dtype for n, t in model.state_dict().items()}
+    quantised = [n for n in before if n.endswith(("_scale_inv", "_packed", "_scale"))]
+    assert quantised and all(after[n] == before[n] for n in quantised)
+    assert after["model.layers.0.self_attn.q_a_layernorm.weight"] == torch.bfloat16
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 96, (1, 9))).float()).all()

@@ -80,11 +80,14 @@ class Transformer(nn.Module):
 
     # ---- dtype and initialisation --------------------------------------------------------------------------
     def cast(self, dtype: torch.dtype) -> "Transformer":
-        """Convert floating tensors to dtype, except the ones that must stay fp32 (FP32_NAMES)."""
-        for name, t in [*self.named_parameters(), *self.named_buffers()]:
-            if t.is_floating_point():
-                target = torch.float32 if name.rsplit(".", 1)[-1] in FP32_NAMES else dtype
-                t.data = t.data.to(target)
+        """Convert floating tensors to dtype, except the ones that must stay fp32 (FP32_NAMES) and those of
+        quantised modules (FP8/INT4 weights and their scales keep their formats)."""
+        for module in self.modules():
+            if getattr(module, "quantized", False):
+                continue
+            for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+                if t.is_floating_point():
+                    t.data = t.data.to(torch.float32 if name in FP32_NAMES else dtype)
         return self
 
     @property

@@ -178,6 +178,8 @@ class Fp8Experts(Experts):
     """Routed experts in block FP8: `{proj}` float8_e4m3fn [E, out, in] (frozen) and `{proj}_scale_inv` fp32
     [E, ceil(out/b), ceil(in/b)]; the checkpoint's `experts.{e}.{proj}.weight` / `.weight_scale_inv` are slices."""
 
+    quantized = True  # Transformer.cast leaves its tensors' dtypes alone
+
     def __init__(self, num_experts: int, hidden: int, intermediate: int, block: int = FP8_BLOCK, device=None):
         nn.Module.__init__(self)  # Experts.__init__ would allocate the dense stacks
         self.num_experts, self.hidden, self.intermediate, self.block = num_experts, hidden, intermediate, block
@@ -211,6 +213,8 @@ class Int4Experts(Experts):
     As Int4Linear does, the first CPU forward that torch's int4 kernel can serve rewrites a projection's packed
     bytes in place into the kernel's nibble order (and stores its scales column-major per expert); state_dict()
     and dense() still give the checkpoint order, and a device move restores it first."""
+
+    quantized = True  # Transformer.cast leaves its tensors' dtypes alone
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int, group: int = INT4_GROUP, device=None):
         nn.Module.__init__(self)

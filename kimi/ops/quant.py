@@ -167,6 +167,8 @@ class Fp8BlockLinear(nn.Module):
     """Linear without bias. It keeps the K2-Instruct tensors under their checkpoint names:
     `weight` (float8_e4m3fn [out, in], a frozen Parameter) and `weight_scale_inv` (fp32 buffer)."""
 
+    quantized = True  # Transformer.cast leaves its tensors' dtypes alone
+
     def __init__(self, in_features: int, out_features: int, block: int = FP8_BLOCK, device=None):
         super().__init__()
         if min(in_features, out_features, block) < 1:
@@ -435,6 +437,8 @@ class Int4Linear(nn.Module):
       kernel order is recognised only by the exact tensor object and version it produced.
     So a loader can fill the three buffers by name at any time. Direct reads of module.weight_packed after a
     CPU forward see the kernel's order (see kernel_layout)."""
+
+    quantized = True  # Transformer.cast leaves its tensors' dtypes alone
 
     def __init__(self, in_features: int, out_features: int, group_size: int = INT4_GROUP, device=None):
         super().__init__()
