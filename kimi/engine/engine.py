@@ -88,11 +88,21 @@ class _Request:
     seqs: list[Sequence] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     decoders: list = field(default_factory=list)
-    subscriber: queue.Queue | None = None
+    subscriber: queue.Queue | _AsyncSink | None = None  # gets every RequestOutput of this request
 
     @property
     def finished(self) -> bool:
         return all(s.finished for s in self.seqs)
+
+
+class _AsyncSink:
+    """A subscriber the engine thread `put`s into and an asyncio task awaits (no executor thread per stream)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop, self.queue = loop, asyncio.Queue()
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
 
 class LLMEngine:
@@ -155,8 +165,9 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
-                    request_id: str | None = None, subscriber: queue.Queue | None = None) -> str:
-        """Validate and queue a request; returns its id. Raises ValueError (naming what is wrong) for bad input."""
+                    request_id: str | None = None, subscriber=None) -> str:
+        """Validate and queue a request; returns its id. Raises ValueError (naming what is wrong) for bad input.
+        subscriber: anything with put(RequestOutput) (a queue.Queue), called from the stepping thread."""
         req = self._make_request(prompt, params or SamplingParams(), request_id)
         req.subscriber = subscriber
         with self._inbox_lock:
@@ -342,14 +353,13 @@ class LLMEngine:
     async def astream(self, prompt, params: SamplingParams | None = None,
                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
         """The async form of `stream`, for an asyncio server; cancelling it aborts the request."""
-        q: queue.Queue = queue.Queue()
-        rid = self.add_request(prompt, params, request_id=request_id, subscriber=q)
+        sink = _AsyncSink(asyncio.get_running_loop())
+        rid = self.add_request(prompt, params, request_id=request_id, subscriber=sink)
         self.start()
-        loop = asyncio.get_running_loop()
         done = False
         try:
             while not done:
-                out = await loop.run_in_executor(None, q.get)
+                out = await sink.queue.get()
                 if isinstance(out, Exception):
                     raise out
                 done = out.finished
