@@ -13,11 +13,12 @@ Question 3: training throughput (tokens/s) and model FLOPs utilisation against t
 The model: Kimi Linear's layer stack (3 KDA layers then 1 NoPE MLA layer, hidden 128) with dense SwiGLU FFNs
 (no MoE: at 1M parameters the experts would starve the active width), byte vocabulary 256, 965k parameters.
 Every run goes through kimi.train.trainer.train, one process per run, --jobs in parallel, --threads each.
-Correctness check in the same run: the first MuonClip run's loss must fall (final train loss < ln 256 - 1) and every
-run's validation loss must be finite; speeds and comparisons are not reported if it fails.
+Correctness check in the same run: the anchor's loss must fall (final train loss < ln 256 - 1), every validation loss
+must be finite, and the anchor's final checkpoint, reloaded with kimi.load_model, must give the validation loss the
+trainer logged (< 1e-4); speeds and comparisons are not reported if it fails.
 
     python bench/optim.py                # everything (hours on a 2-core CPU)
-    python bench/optim.py --quick        # anchor run + one AdamW run at the anchor budget, seed 0
+    python bench/optim.py --quick        # MuonClip (--anchor-lr) and AdamW (--adamw-lr) at the full budget, seed 0
 Prints a table, then one JSON line last.
 """
 
@@ -76,7 +77,27 @@ def run_one(job: dict) -> dict:
     curve = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
     return {**{k: job[k] for k in ("optimizer", "lr", "seed", "tokens")}, "val_loss": summary["val_loss"],
             "train_loss": summary["final_loss"], "wall_s": wall, "tok_s": summary["tokens"] / wall, "curve": curve,
-            "max_logit": max((r["max_logit"] or 0) for r in rows), "steps": steps}
+            "max_logit": max((r["max_logit"] or 0) for r in rows), "steps": steps, "out": str(out)}
+
+
+def reload_val_loss(run_dir: str, data: str, seq_len: int, threads: int) -> float:
+    """Validation loss of a run's final checkpoint, reloaded with kimi.load_model and recomputed from scratch."""
+    import torch
+
+    from kimi.model.loader import load_model
+    from kimi.train import checkpoint as ck
+    from kimi.train.data import IGNORE, Split, eval_batches
+    from kimi.train.packing import packed_forward
+    from kimi.train.trainer import token_loss
+
+    torch.set_num_threads(threads)
+    model = load_model(ck.latest(run_dir), dtype=torch.float32)
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in eval_batches(Split(data, "val"), seq_len, 32):
+            total += token_loss(packed_forward(model, batch.input_ids, batch.doc_ids), batch.targets).item()
+            count += int((batch.targets != IGNORE).sum())
+    return total / count
 
 
 def matmul_peak(dtype_name: str, threads: int, seconds: float = 2.0) -> float:
@@ -108,14 +129,17 @@ def tokens_to_reach(curve: list, target: float) -> float | None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="anchor run + one AdamW run at seed 0, no sweep")
+    p.add_argument("--quick", action="store_true", help="no sweep: MuonClip at --anchor-lr and AdamW at --adamw-lr, "
+                                                        "--seeds seeds (default 1)")
     p.add_argument("--tokens", type=int, default=NANOGPT_TOKENS, help="training tokens per run (nanoGPT's budget)")
     p.add_argument("--seq-len", type=int, default=128, help="training context")
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per optimizer step")
     p.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="comma-separated lr sweep (both optimizers)")
     p.add_argument("--anchor-lr", type=float, default=3e-3, help="MuonClip lr of the quick anchor run")
     p.add_argument("--adamw-lr", type=float, default=3e-3, help="AdamW lr of the quick comparison run")
-    p.add_argument("--seeds", type=int, default=3, help="seeds at each optimizer's best lr")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="seeds at each optimizer's best lr (default 3; 1 with --quick)")
+    p.add_argument("--first-seed", type=int, default=0, help="--quick: seeds run are first-seed .. first-seed+seeds-1")
     p.add_argument("--tau", type=float, default=100.0, help="QK-Clip threshold")
     p.add_argument("--warmup", type=int, default=20, help="warmup steps")
     p.add_argument("--autocast", choices=("bf16", "none"), default="none",
@@ -125,6 +149,8 @@ def main() -> None:
     p.add_argument("--val-points", type=int, default=5, help="validation evaluations per run")
     p.add_argument("--data", default=str(DATA), help="tinyshakespeare.txt")
     args = p.parse_args()
+    if args.seeds is None:
+        args.seeds = 1 if args.quick else 3
     if not Path(args.data).is_file():
         sys.exit(f"{args.data} not found")
 
@@ -149,8 +175,8 @@ def main() -> None:
     t_all = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
         if args.quick:
-            jobs = [dict(base, optimizer="muonclip", lr=args.anchor_lr, seed=0),
-                    dict(base, optimizer="adamw", lr=args.adamw_lr, seed=0)]
+            jobs = [dict(base, optimizer=o, lr=lr, seed=args.first_seed + s) for s in range(args.seeds)
+                    for o, lr in (("muonclip", args.anchor_lr), ("adamw", args.adamw_lr))]
             results += list(pool.map(run_one, jobs))
             best = {"muonclip": args.anchor_lr, "adamw": args.adamw_lr}
         else:
@@ -164,8 +190,10 @@ def main() -> None:
     peak_bf16 = matmul_peak("bfloat16", args.threads)
     peak_fp32 = matmul_peak("float32", args.threads)
 
-    anchor = next(r for r in results if r["optimizer"] == "muonclip" and r["lr"] == best["muonclip"] and r["seed"] == 0)
-    ok = anchor["train_loss"] < math.log(256) - 1 and all(math.isfinite(r["val_loss"]) for r in results)
+    anchor = next(r for r in results if r["optimizer"] == "muonclip" and r["lr"] == best["muonclip"])
+    reloaded = reload_val_loss(anchor["out"], base["data"], args.seq_len, args.threads)
+    ok = (anchor["train_loss"] < math.log(256) - 1 and all(math.isfinite(r["val_loss"]) for r in results)
+          and abs(reloaded - anchor["val_loss"]) < 1e-4)
     final = {o: [r["val_loss"] for r in results if r["optimizer"] == o and r["lr"] == best[o]] for o in best}
     stats = {o: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else None) for o, v in final.items()}
     muon_runs = [r for r in results if r["optimizer"] == "muonclip" and r["lr"] == best["muonclip"]]
@@ -190,21 +218,27 @@ def main() -> None:
         print(f"{o}: best lr {best[o]:g}, final val loss {m:.4f} +- {sd} over {len(final[o])} seed(s)")
     print("tokens for MuonClip to reach AdamW's final loss: "
           + (f"{reach_ratio:.2f} x the budget (from its validation curve)" if reach_ratio else "not reached"))
-    print(f"throughput {tok_s:.0f} tok/s per run; {train_flops / 1e6:.1f} MFLOP/token; MFU {tok_s * train_flops / peak_bf16:.2%} "
-          f"of the measured bf16 matmul peak {peak_bf16 / 1e9:.1f} GFLOP/s ({tok_s * train_flops / peak_fp32:.2%} of fp32 "
-          f"{peak_fp32 / 1e9:.1f}), {args.threads} thread(s)")
+    if ok:
+        print(f"throughput {tok_s:.0f} tok/s per run; {train_flops / 1e6:.1f} MFLOP/token; "
+              f"MFU {tok_s * train_flops / peak_bf16:.2%} "
+              f"of the measured bf16 matmul peak {peak_bf16 / 1e9:.1f} GFLOP/s "
+              f"({tok_s * train_flops / peak_fp32:.2%} of fp32 {peak_fp32 / 1e9:.1f}), {args.threads} thread(s)")
+    print(f"check: anchor checkpoint reloaded with kimi.load_model gives val loss {reloaded:.6f} "
+          f"(trainer logged {anchor['val_loss']:.6f})")
     if not ok:
         print("correctness check FAILED: no comparison or speed is reported")
     print(json.dumps({
         "bench": "optim", "ok": ok, "quick": args.quick, "params": n_params, "tokens_per_run": args.tokens,
         "anchor_val_loss": anchor["val_loss"], "anchor_target": TARGET, "anchor_met": anchor["val_loss"] <= TARGET,
         "anchor_wall_s": round(anchor["wall_s"], 1),
-        "best_lr": best, "val_loss_mean_sd": {o: [round(m, 4), None if s is None else round(s, 4)] for o, (m, s) in stats.items()},
+        "best_lr": best,
+        "val_loss_mean_sd": {o: [round(m, 4), None if s is None else round(s, 4)] for o, (m, s) in stats.items()},
         "seeds": {o: len(v) for o, v in final.items()},
         "muonclip_tokens_to_adamw_final": reach_ratio if ok else None,
         "tok_s": round(tok_s) if ok else None, "mfu_bf16": tok_s * train_flops / peak_bf16 if ok else None,
         "peak_bf16_gflops": round(peak_bf16 / 1e9, 1), "peak_fp32_gflops": round(peak_fp32 / 1e9, 1),
-        "total_wall_s": round(wall_all), "runs": [{k: r[k] for k in ("optimizer", "lr", "seed", "val_loss")}
+        "total_wall_s": round(wall_all), "reloaded_val_loss": reloaded,
+        "runs": [{k: r[k] for k in ("optimizer", "lr", "seed", "val_loss")}
                                                  for r in results]}))
 
 

@@ -322,7 +322,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="bf16 autocast over fp32 master weights, or plain fp32")
     p.add_argument("--val-every", type=int, default=100, help="validation loss every N steps and at the end (0 = off)")
     p.add_argument("--val-tokens", type=int, default=None, help="validate on at most this many tokens (default all)")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (always at the end; 0 = end only)")
+    p.add_argument("--save-every", type=int, default=0,
+                   help="checkpoint every N steps (always at the end; 0 = end only)")
     p.add_argument("--stop-after", type=int, default=0,
                    help="stop (with a checkpoint) after this step, as if interrupted; the schedule still spans --steps")
     p.add_argument("--keep", type=int, default=2, help="checkpoints to keep (0 = all)")
