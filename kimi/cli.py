@@ -20,6 +20,10 @@ COMMANDS = {
                  "add_generate_arguments", "generate_main"),
     "info": ("print a model's size, cache cost and FLOPs from its config.json", "kimi.cli",
              "add_info_arguments", "info_main"),
+    "train": ("train a model with MuonClip / Muon / AdamW", "kimi.train.trainer", "add_train_arguments", "train_main"),
+    "data": ("data tools: `kimi data prepare`", "kimi.cli", "add_data_arguments", None),
+    "plot": ("plot a training run's loss and max-logit curves as PNG", "kimi.train.plot", "add_plot_arguments",
+             "plot_main"),
     "convert": ("convert a model directory between bf16, block-FP8 and INT4-expert formats", "kimi.convert",
                 "add_convert_arguments", "convert_main"),
     "tokenizer": ("tokenizer tools: `kimi tokenizer train`", "kimi.cli", "add_tokenizer_arguments", None),
@@ -92,6 +96,15 @@ def tokenizer_train_main(args) -> None:
 
     tok = train_tokenizer(args.input, args.vocab_size, args.out, progress=True)
     print(f"wrote {args.out}/tiktoken.model and {args.out}/tokenizer_config.json (vocab size {tok.vocab_size})")
+
+
+def add_data_arguments(p: argparse.ArgumentParser) -> None:
+    from kimi.train.data import add_prepare_arguments, prepare_main
+
+    sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    prep = sub.add_parser("prepare", help="tokenise text / chat JSONL into memory-mapped training shards")
+    add_prepare_arguments(prep)
+    prep.set_defaults(func=prepare_main)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
