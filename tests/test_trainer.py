@@ -73,6 +73,11 @@ def test_resume_continues_bit_for_bit(run_files, tmp_path):
     a = ck.latest(tmp_path / "whole") / "model.safetensors"
     b = ck.latest(tmp_path / "cut") / "model.safetensors"
     assert a.read_bytes() == b.read_bytes()
+    # --init-from a trained checkpoint (its config.json is the model config): starts where that run ended
+    args = parse(run_files, tmp_path / "init", "--init-from", str(a.parent), "--steps", "1", "--warmup", "0")
+    args.model_config = None
+    train(args)
+    assert trace(tmp_path / "init")[0]["loss"] < (whole[0]["loss"] + whole[-1]["loss"]) / 2
 
 
 def test_gradient_accumulation_and_autocast(run_files, tmp_path):
