@@ -131,6 +131,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="no sweep: MuonClip at --anchor-lr and AdamW at --adamw-lr, "
                                                         "--seeds seeds (default 1)")
+    p.add_argument("--runs", default=None,
+                   help="explicit runs instead of --quick or the sweep: optimizer:lr:seed,... (e.g. adamw:1e-2:0)")
     p.add_argument("--tokens", type=int, default=NANOGPT_TOKENS, help="training tokens per run (nanoGPT's budget)")
     p.add_argument("--seq-len", type=int, default=128, help="training context")
     p.add_argument("--batch-tokens", type=int, default=4096, help="tokens per optimizer step")
@@ -174,7 +176,18 @@ def main() -> None:
     results = []
     t_all = time.perf_counter()
     with ProcessPoolExecutor(args.jobs) as pool:
-        if args.quick:
+        if args.runs:
+            jobs = []
+            for spec in args.runs.split(","):
+                o, lr, seed = spec.split(":")
+                jobs.append(dict(base, optimizer=o, lr=float(lr), seed=int(seed)))
+            results += list(pool.map(run_one, jobs))
+            best = {}
+            for o in dict.fromkeys(r["optimizer"] for r in results):
+                mine = [r for r in results if r["optimizer"] == o]
+                best[o] = min({r["lr"] for r in mine},
+                              key=lambda lr: statistics.mean(r["val_loss"] for r in mine if r["lr"] == lr))
+        elif args.quick:
             jobs = [dict(base, optimizer=o, lr=lr, seed=args.first_seed + s) for s in range(args.seeds)
                     for o, lr in (("muonclip", args.anchor_lr), ("adamw", args.adamw_lr))]
             results += list(pool.map(run_one, jobs))
@@ -190,14 +203,14 @@ def main() -> None:
     peak_bf16 = matmul_peak("bfloat16", args.threads)
     peak_fp32 = matmul_peak("float32", args.threads)
 
-    anchor = next(r for r in results if r["optimizer"] == "muonclip" and r["lr"] == best["muonclip"])
+    anchor = next((r for r in results if r["optimizer"] == "muonclip" and r["lr"] == best.get("muonclip")), results[0])
     reloaded = reload_val_loss(anchor["out"], base["data"], args.seq_len, args.threads)
     ok = (anchor["train_loss"] < math.log(256) - 1 and all(math.isfinite(r["val_loss"]) for r in results)
           and abs(reloaded - anchor["val_loss"]) < 1e-4)
     final = {o: [r["val_loss"] for r in results if r["optimizer"] == o and r["lr"] == best[o]] for o in best}
     stats = {o: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else None) for o, v in final.items()}
     muon_runs = [r for r in results if r["optimizer"] == "muonclip" and r["lr"] == best["muonclip"]]
-    reach = [tokens_to_reach(r["curve"], stats["adamw"][0]) for r in muon_runs]
+    reach = [tokens_to_reach(r["curve"], stats["adamw"][0]) for r in muon_runs] if "adamw" in stats else [None]
     reach_ratio = (statistics.mean(reach) / args.tokens) if all(x is not None for x in reach) else None
     train_flops = 3 * flops_per_token(cfg, args.seq_len // 2)  # forward + backward, mean causal context
     tok_s = statistics.mean(r["tok_s"] for r in results)  # per run (one process, --threads threads)
