@@ -190,6 +190,8 @@ def train(args) -> dict:
     rows, micro, accum = check_args(args, cfg, manifest, world)
     out = Path(args.out)
     ckpt = ck.latest(out) if args.resume else None
+    if args.resume:
+        log.info("resuming from %s" if ckpt else "no checkpoint in %s: starting from step 0", ckpt or out)
     if ckpt is None and any(out.glob("step-*")) and not args.resume:
         raise ValueError(f"{out} already holds checkpoints: pass --resume to continue, or choose another --out")
     torch.manual_seed(args.seed)
