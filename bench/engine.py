@@ -27,6 +27,7 @@ import json
 import platform
 import random
 import statistics
+import sys
 import tempfile
 import time
 
@@ -57,6 +58,14 @@ KL_LONG = {  # a small Kimi Linear-style model for the long-context and prefix-c
     "linear_attn_config": {"kda_layers": [1, 2, 3, 5, 6, 7], "full_attn_layers": [4, 8], "head_dim": 64,
                            "num_heads": 8, "short_conv_kernel_size": 4},
     "max_position_embeddings": 262144, "initializer_range": 0.05}
+
+
+class Rows(list):
+    """Table rows; each also goes to stderr as soon as it is measured (a full run takes long)."""
+
+    def append(self, row):
+        print("  ".join(x for x in row if x), file=sys.stderr, flush=True)
+        super().append(row)
 
 
 def timed(fn):
@@ -178,7 +187,7 @@ def main():
     rng = random.Random(0)
     res: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)",
                  "dtype": args.dtype, "quick": q}
-    rows = []
+    rows = Rows()
 
     # ---- 1-3: the K2-style model, kimi vs transformers -------------------------------------------------------
     import transformers
