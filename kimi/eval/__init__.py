@@ -1,0 +1,1 @@
+"""Evaluation suites: `kimi eval toolverse` (toolverse.py)."""
