@@ -122,6 +122,15 @@ class ModelRunner:
                     if logits is raw:
                         logits = logits.clone()
                     logits[row, banned] = float("-inf")
+        for row, p in enumerate(params):  # structured output: tokens the request's grammar forbids are never drawn
+            allowed = p.guide.allowed_tokens() if p.guide is not None else None
+            if allowed is not None:
+                keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=dev)
+                n = min(len(allowed), logits.shape[1])
+                keep[:n] = allowed[:n].to(dev)
+                if logits is raw:
+                    logits = logits.clone()
+                logits[row, ~keep] = float("-inf")
         tokens = sampling.sample(
             logits,
             torch.tensor([float(p.temperature) for p in params], device=dev),
@@ -139,4 +148,8 @@ class ModelRunner:
                 if kr is not None:
                     entries[row] = {"token": int(tokens[row]), "logprob": chosen[row],
                                     "top": list(zip(top_i[row][:kr], top_v[row][:kr]))}
-        return tokens.tolist(), entries
+        tokens = tokens.tolist()
+        for p, t in zip(params, tokens):
+            if p.guide is not None:
+                p.guide.accept(t)
+        return tokens, entries

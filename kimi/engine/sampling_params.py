@@ -26,6 +26,10 @@ class SamplingParams:
     ignore_eos: bool = False  # keep going past the model's eos / the tokenizer's stop ids
     logprobs: int | None = None  # None = none; k >= 0: the sampled token's logprob plus the k most likely
     skip_special_tokens: bool = True  # leave special tokens out of the text
+    # Constrained decoding (structured output): an object with allowed_tokens() -> bool [vocab] | None (called before
+    # each token is sampled; False entries are never chosen), accept(token_id) (called with each sampled token) and
+    # is_finished() -> bool (then the request finishes with "stop"). It follows one sequence, so n must be 1.
+    guide: object | None = None
 
     def __post_init__(self):
         def bad(field, value, want):
@@ -81,6 +85,11 @@ class SamplingParams:
             bad("ignore_eos", self.ignore_eos, "a bool")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
             bad("logprobs", self.logprobs, "an int in [0, 20] or None")
+        if self.guide is not None:
+            if not all(callable(getattr(self.guide, m, None)) for m in ("allowed_tokens", "accept", "is_finished")):
+                bad("guide", self.guide, "an object with allowed_tokens(), accept(token_id) and is_finished()")
+            if self.n != 1:
+                bad("n", self.n, "1 with a guide (a guide follows one sequence; make one request per sample)")
 
     @property
     def greedy(self) -> bool:

@@ -147,6 +147,8 @@ class Scheduler:
             if (token in p.stop_token_ids or (not p.ignore_eos and token in stop_ids)) \
                     and seq.num_output_tokens > p.min_tokens:
                 self.finish(seq, "stop")
+            elif p.guide is not None and p.guide.is_finished():
+                self.finish(seq, "stop")
             elif (p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens) \
                     or seq.num_tokens >= self.max_model_len:
                 self.finish(seq, "length")

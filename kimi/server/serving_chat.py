@@ -14,7 +14,6 @@ from the same ChoiceState, so they carry the same content, reasoning and calls.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import dataclass, field
 
@@ -24,14 +23,6 @@ from kimi.server.stream import StopFilter, chat_logprobs
 from kimi.server.structured import tool_parameters, validate_arguments
 from kimi.tokenizer.chat import render_ids
 from kimi.tokenizer.parser import StreamParser
-
-
-class GuideUnavailable(ValueError):
-    """The engine build has no `SamplingParams.guide` hook, so structured output cannot be enforced."""
-
-
-def guides_supported() -> bool:
-    return "guide" in {f.name for f in dataclasses.fields(SamplingParams)}
 
 
 @dataclass
@@ -149,9 +140,6 @@ def plan_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int, guides,
     if guide_for is None:
         params = [SamplingParams(n=req.n, **base)]
     else:
-        if not guides_supported():
-            raise GuideUnavailable("structured output (response_format json, tool_choice required/named) needs "
-                                   "the engine's SamplingParams.guide hook, which this build does not have")
         seed = base.pop("seed")
         params = [SamplingParams(**base, seed=seed if seed is None or i == 0 else hash((seed, i)) & (2 ** 63 - 1),
                                  guide=guide_for()) for i in range(req.n)]
