@@ -287,3 +287,34 @@ def test_engine_on_cuda_matches_reference(family):
     for p, o in zip(ps, outs):
         assert o.token_ids == generate(m, p, 10)[0]
     assert_all_free(llm)
+
+
+class CountdownGuide:
+    """Allows only `token`, and ends after `n` of them: the engine must mask, feed back, and finish on it."""
+
+    def __init__(self, token: int, n: int):
+        self.token, self.left, self.seen = token, n, []
+
+    def allowed_tokens(self):
+        mask = torch.zeros(96, dtype=torch.bool)
+        mask[self.token] = True
+        return mask
+
+    def accept(self, token_id: int) -> None:
+        self.seen.append(token_id)
+        self.left -= 1
+
+    def is_finished(self) -> bool:
+        return self.left <= 0
+
+
+def test_guide_masks_sampling_and_finishes_the_request():
+    llm = engine("kimi_linear")
+    guides = [CountdownGuide(7, 3), CountdownGuide(11, 5)]
+    outs = llm.generate(prompts(2, 4, 9), [SamplingParams(temperature=1.0, seed=i, max_tokens=20, guide=g)
+                                           for i, g in enumerate(guides)])
+    assert [o.outputs[0].token_ids for o in outs] == [[7] * 3, [11] * 5]
+    assert [o.finish_reason for o in outs] == ["stop", "stop"] and guides[1].seen == [11] * 5
+    with pytest.raises(ValueError, match="guide"):
+        SamplingParams(guide=object())
+    assert_all_free(llm)
