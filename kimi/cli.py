@@ -56,6 +56,8 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="compute dtype (default: the config's)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
+    p.add_argument("--quantized", default="keep", choices=["keep", "dequantize"],
+                   help="FP8 / INT4 checkpoints: keep the weights quantised (less memory) or dequantise at load")
 
 
 def generate_main(args) -> None:
@@ -67,7 +69,7 @@ def generate_main(args) -> None:
         from kimi.demo import ensure_demo_model
 
         model_dir = ensure_demo_model(args.demo_dir)
-    engine = LLMEngine(model_dir, dtype=args.dtype, device=args.device)
+    engine = LLMEngine(model_dir, dtype=args.dtype, device=args.device, quantized=args.quantized)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,
                             stop=args.stop)

@@ -379,3 +379,14 @@ def test_cast_leaves_quantised_modules_alone(fmt):
     assert after["model.layers.0.self_attn.q_a_layernorm.weight"] == torch.bfloat16
     with torch.no_grad():
         assert torch.isfinite(model(torch.randint(0, 96, (1, 9))).float()).all()
+
+
+def test_engine_runs_fp8_checkpoints_kept_or_dequantised(tmp_path):
+    from kimi.engine.engine import LLM
+    from kimi.engine.sampling_params import SamplingParams
+
+    kimi.save_model(build_model(FAMILIES["kimi_linear"](), dtype=torch.float32), tmp_path, format="fp8-block")
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    outs = [LLM(tmp_path, dtype="float32", quantized=mode, max_model_len=64, max_num_seqs=2)
+            .generate([[5, 6, 7, 8]], params)[0].outputs[0].token_ids for mode in ("keep", "dequantize")]
+    assert outs[0] == outs[1] and len(outs[0]) == 6

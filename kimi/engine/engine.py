@@ -110,9 +110,10 @@ class LLMEngine:
                  device: str | torch.device | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, block_size: int = 16, cache_memory: int | None = None,
                  enable_prefix_caching: bool = True, num_blocks: int | None = None, num_snapshots: int | None = None,
-                 seed: int = 0):
+                 seed: int = 0, quantized: str = "keep"):
         """model: a model directory (its tokenizer is loaded when it has one) or a Transformer. dtype defaults to
-        bfloat16; num_blocks / num_snapshots override the sizes derived from cache_memory (tests, benchmarks)."""
+        bfloat16; quantized ("keep" | "dequantize") says how FP8 / INT4 checkpoints run (kimi.load_model);
+        num_blocks / num_snapshots override the sizes derived from cache_memory (tests, benchmarks)."""
         if isinstance(model, Transformer):
             if dtype is not None or device is not None:
                 raise ValueError("dtype/device apply when loading a model directory; cast a Transformer yourself")
@@ -120,7 +121,8 @@ class LLMEngine:
         else:
             from kimi.model.loader import load_model
 
-            self.model = load_model(model, dtype=dtype or torch.bfloat16, device=device or "cpu").eval()
+            self.model = load_model(model, dtype=dtype or torch.bfloat16, device=device or "cpu",
+                                    quantized=quantized).eval()
             if tokenizer is None and (Path(model) / "tiktoken.model").is_file():
                 from kimi.tokenizer.tokenizer import Tokenizer
 

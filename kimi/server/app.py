@@ -366,6 +366,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--cache-memory", type=float, default=None, help="GiB for the paged latent cache")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    p.add_argument("--quantized", default="keep", choices=["keep", "dequantize"],
+                   help="FP8 / INT4 checkpoints: keep the weights quantised (less memory) or dequantise at load")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if present)")
     p.add_argument("--no-prefix-caching", action="store_true", help="turn the prefix cache off")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning"], help="server log level")
@@ -377,8 +379,8 @@ def load_engine(args):
     from kimi.engine.engine import LLMEngine
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return LLMEngine(args.model, dtype=args.dtype, device=device, max_num_seqs=args.max_num_seqs,
-                     max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+    return LLMEngine(args.model, dtype=args.dtype, device=device, quantized=args.quantized,
+                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
                      cache_memory=int(args.cache_memory * (1 << 30)) if args.cache_memory else None,
                      enable_prefix_caching=not args.no_prefix_caching)
 
