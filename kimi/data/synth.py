@@ -168,3 +168,9 @@ def synth_main(args) -> None:
     if args.corpus:
         write_corpus(out / "corpus.txt", generate("train", min(args.corpus, args.train), check=False))
     print(json.dumps({"version": VERSION, "out": str(out), "verified": not args.no_verify, "splits": rows}))
+
+
+if __name__ == "__main__":  # python -m kimi.data.synth: the same as `kimi data synth`
+    parser = argparse.ArgumentParser(prog="kimi data synth", description=__doc__.split("\n")[0])
+    add_synth_arguments(parser)
+    synth_main(parser.parse_args())

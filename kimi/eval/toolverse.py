@@ -372,3 +372,10 @@ def toolverse_main(args) -> None:
           file=sys.stderr)
     print(json.dumps({"suite": "toolverse", "model": backend.name, "mode": args.mode, "n": args.n,
                       "seconds": round(seconds, 1), "splits": results}))
+
+
+if __name__ == "__main__":  # python -m kimi.eval.toolverse toolverse ...: the same as `kimi eval toolverse ...`
+    parser = argparse.ArgumentParser(prog="kimi eval", description=__doc__.split("\n")[0])
+    add_eval_arguments(parser)
+    parsed = parser.parse_args()
+    parsed.func(parsed)
