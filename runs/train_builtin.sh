@@ -19,6 +19,7 @@ EPISODES=${EPISODES:-30000}       # training conversations written (the run read
 STEPS=${STEPS:-300}
 BATCH=${BATCH:-4096}              # tokens per optimizer step (4 rows x 1024)
 LR=${LR:-1e-2}
+WARMUP=$(( STEPS < 10 ? STEPS : 10 ))
 THREADS=${THREADS:-2}
 EVAL_N=${EVAL_N:-200}             # episodes per evaluation split
 PY=${PY:-python3}
@@ -48,7 +49,7 @@ JSON
 
 echo "== 5/6 MuonClip training"
 $PY -m kimi train --model-config "$OUT/config.json" --data "$OUT/tokens" --out "$OUT/run" --steps "$STEPS" \
-    --batch-tokens "$BATCH" --seq-len 1024 --optimizer muonclip --lr "$LR" --warmup 10 --schedule cosine \
+    --batch-tokens "$BATCH" --seq-len 1024 --optimizer muonclip --lr "$LR" --warmup "$WARMUP" --schedule cosine \
     --min-lr-ratio 0.1 --autocast bf16 --threads "$THREADS" --val-every 50 --val-tokens 8192 --save-every 25 \
     --keep 2 --seed 0 --no-progress --resume
 

@@ -105,3 +105,14 @@ def test_table_and_json_line():
     text = E.table(res)
     assert "iid" in text and "relevance" in text and "no_call" in text
     json.dumps(res)
+
+
+def test_invalid_arguments_end_the_episode_without_crashing():
+    def truncate(c):
+        return E.Completion(c.content, [(i, n, a[:-2]) for i, n, a in c.calls], True)
+
+    eps = _episodes()
+    cl = sum(E.closed_loop(Oracle(eps, truncate), eps).values(), E.Counter())
+    assert cl["episodes"] == len(eps)
+    assert cl["success"] == sum(ep.family == "no_call" for ep in eps)
+    assert cl["json"] == 0 and cl["calls"] > 0

@@ -228,10 +228,15 @@ def _episode_loop(ep, stats: Counter):
             stats["turns"] += 1
             stats["parse"] += c.parse_ok
             _score_calls(stats, ep, c.calls)
-            messages.append(c.message())
             if not c.calls:
+                messages.append(c.message())
                 final = c.content
                 break
+            if any(_canonical(raw) is None for _, _, raw in c.calls):
+                # arguments that are not a JSON object cannot go back into a Kimi prompt: the episode fails here
+                stats["episodes"] += 1
+                return
+            messages.append(c.message())
             for call_id, name, raw in c.calls:
                 result, key = _run_call(ep, world, name, raw)
                 made.append(key)
