@@ -363,7 +363,7 @@ def _from_kimi_linear(d: dict) -> ModelConfig:
             n_group=r.opt("num_expert_group", 1, int, "n_group"),
             topk_group=r.opt("topk_group", 1, int),
             norm_topk_prob=r.opt("moe_renormalize", True, bool, "norm_topk_prob"),
-            routed_scaling_factor=r.opt("routed_scaling_factor", 1.0, float),
+            routed_scaling_factor=r.opt("routed_scaling_factor", 2.446, float),  # transformers' default
             kda_num_heads=lac_r.opt("num_heads", r.opt("linear_num_heads", 32, int), int),
             kda_head_dim=lac_r.opt("head_dim", r.opt("linear_head_dim", 128, int), int),
             short_conv_kernel_size=lac_r.opt("short_conv_kernel_size", r.opt("linear_conv_kernel_dim", 4, int), int),
