@@ -21,7 +21,8 @@ COMMANDS = {
     "info": ("print a model's size, cache cost and FLOPs from its config.json", "kimi.cli",
              "add_info_arguments", "info_main"),
     "train": ("train a model with MuonClip / Muon / AdamW", "kimi.train.trainer", "add_train_arguments", "train_main"),
-    "data": ("data tools: `kimi data prepare`", "kimi.cli", "add_data_arguments", None),
+    "data": ("data tools: `kimi data prepare`, `kimi data synth`", "kimi.cli", "add_data_arguments", None),
+    "eval": ("evaluations: `kimi eval toolverse`", "kimi.eval.toolverse", "add_eval_arguments", None),
     "plot": ("plot a training run's loss and max-logit curves as PNG", "kimi.train.plot", "add_plot_arguments",
              "plot_main"),
     "convert": ("convert a model directory between bf16, block-FP8 and INT4-expert formats", "kimi.convert",
@@ -107,6 +108,11 @@ def add_data_arguments(p: argparse.ArgumentParser) -> None:
     prep = sub.add_parser("prepare", help="tokenise text / chat JSONL into memory-mapped training shards")
     add_prepare_arguments(prep)
     prep.set_defaults(func=prepare_main)
+    from kimi.data.synth import add_synth_arguments, synth_main
+
+    synth = sub.add_parser("synth", help="synthesise verified tool-use conversations (toolverse) as chat JSONL")
+    add_synth_arguments(synth)
+    synth.set_defaults(func=synth_main)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
