@@ -119,9 +119,9 @@ def chat_main(args, stdin=None, stdout=None) -> None:
     if args.url is None:
         model_dir = args.model
         if model_dir is None:
-            from kimi.demo import ensure_demo_model
+            from kimi.demo import default_model_dir
 
-            model_dir = str(ensure_demo_model(args.demo_dir))
+            model_dir = str(default_model_dir(args.demo_dir))
         local = LocalChat(model_dir, args.max_model_len)
         stream = local.deltas
         model = None

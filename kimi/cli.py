@@ -67,9 +67,9 @@ def generate_main(args) -> None:
 
     model_dir = args.model
     if model_dir is None:
-        from kimi.demo import ensure_demo_model
+        from kimi.demo import default_model_dir
 
-        model_dir = ensure_demo_model(args.demo_dir)
+        model_dir = default_model_dir(args.demo_dir)
     engine = LLMEngine(model_dir, dtype=args.dtype, device=args.device, quantized=args.quantized)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                             repetition_penalty=args.repetition_penalty, seed=args.seed, max_tokens=args.max_tokens,

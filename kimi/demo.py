@@ -42,3 +42,14 @@ def ensure_demo_model(out_dir: str | Path) -> Path:
                                  "eos_token_id": tok.im_end_id, "pad_token_id": tok.special_id("[PAD]")})
     save_model(build_model(cfg, dtype=torch.bfloat16, seed=0), out)
     return out
+
+
+def default_model_dir(demo_dir: str | Path) -> Path:
+    """The model `kimi serve` / `kimi chat` / `kimi generate` run without --model: the built-in trained model when
+    this installation ships one, else the random-weight demo model (built on first use)."""
+    from kimi.builtin import builtin_model_dir
+
+    try:
+        return builtin_model_dir()
+    except ValueError:
+        return ensure_demo_model(demo_dir)

@@ -392,9 +392,9 @@ def serve_main(args) -> None:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.setLevel(args.log_level.upper())
     if args.model is None:
-        from kimi.demo import ensure_demo_model
+        from kimi.demo import default_model_dir
 
-        args.model = str(ensure_demo_model(args.demo_dir))
+        args.model = str(default_model_dir(args.demo_dir))
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"--model {args.model}: expected a model directory with config.json")
