@@ -77,11 +77,14 @@ def generate_main(args) -> None:
     sys.stdout.write(args.prompt)
     sys.stdout.flush()
     shown = 0
-    for out in engine.stream(args.prompt, params):
-        text = out.text or ""
-        sys.stdout.write(text[shown:])
-        sys.stdout.flush()
-        shown = len(text)
+    try:
+        for out in engine.stream(args.prompt, params):
+            text = out.text or ""
+            sys.stdout.write(text[shown:])
+            sys.stdout.flush()
+            shown = len(text)
+    finally:
+        engine.shutdown()  # stop the engine's loop thread before the interpreter exits
     sys.stdout.write("\n")
 
 
