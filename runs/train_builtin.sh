@@ -4,7 +4,8 @@
 # 8 experts top-2 + 1 shared) trained with MuonClip under bf16 autocast -> export -> held-out evaluation.
 #
 #   bash runs/train_builtin.sh                 # everything, CPU, 2 threads
-#   STEPS=40 EPISODES=3000 OUT=/tmp/b bash runs/train_builtin.sh   # a quick smoke run
+#   A_STOP=2 B_STOP=2 C_STEPS=2 EPISODES=400 EVAL_N=3 OUT=/tmp/b EXPORT=/tmp/b/export bash runs/train_builtin.sh
+#                                              # a one-minute smoke run of every stage
 #
 # Deterministic given the same toolverse version, flags and torch build: data, tokenizer and shards are
 # byte-identical; the training run is seeded. Cost on the 2-core dev box while shared with other jobs
@@ -16,10 +17,10 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/builtin}          # work directory (ignored by git apart from this script)
 EXPORT=${EXPORT:-kimi/builtin/model}
 EPISODES=${EPISODES:-30000}       # training conversations written (the run reads the first ~1/3 of them)
-STEPS=${STEPS:-300}
-BATCH=${BATCH:-4096}              # tokens per optimizer step (4 rows x 1024)
-LR=${LR:-1e-2}
-WARMUP=$(( STEPS < 10 ? STEPS : 10 ))
+A_STOP=${A_STOP:-20}              # stage A: steps run of its 240-step schedule
+B_STOP=${B_STOP:-100}             # stage B: steps run of its 250-step schedule
+C_STEPS=${C_STEPS:-600}           # stage C: its schedule's length
+C_STOP=${C_STOP:-$C_STEPS}        # stage C: steps run
 THREADS=${THREADS:-2}
 EVAL_N=${EVAL_N:-200}             # episodes per evaluation split
 PY=${PY:-python3}
@@ -47,14 +48,26 @@ cat > "$OUT/config.json" <<'JSON'
  "bos_token_id": 1792, "eos_token_id": 1794, "pad_token_id": 2047}
 JSON
 
-echo "== 5/6 MuonClip training"
-$PY -m kimi train --model-config "$OUT/config.json" --data "$OUT/tokens" --out "$OUT/run" --steps "$STEPS" \
-    --batch-tokens "$BATCH" --seq-len 1024 --optimizer muonclip --lr "$LR" --warmup "$WARMUP" --schedule cosine \
-    --min-lr-ratio 0.1 --autocast bf16 --threads "$THREADS" --val-every 50 --val-tokens 8192 --save-every 25 \
-    --keep 2 --seed 0 --no-progress --resume
+echo "== 5/6 MuonClip training, in the three stages the shipped model went through"
+# Each stage starts from the previous stage's last checkpoint (weights only) with a fresh warmup + cosine schedule;
+# A and B are the first steps of longer schedules (--stop-after), exactly as they were run.
+train() {
+    $PY -m kimi train --data "$OUT/tokens" --seq-len 1024 --optimizer muonclip --schedule cosine --min-lr-ratio 0.1 \
+        --autocast bf16 --threads "$THREADS" --no-progress --resume "$@"
+}
+step() { printf "step-%06d" "$1"; }
+train --model-config "$OUT/config.json" --out "$OUT/a" --steps 240 --stop-after "$A_STOP" --batch-tokens 8192 \
+    --lr 8e-3 --warmup "$(( A_STOP < 10 ? A_STOP : 10 ))" --seed 0 --val-every 40 --val-tokens 20000 \
+    --save-every 20 --keep 3
+train --init-from "$OUT/a/$(step "$A_STOP")" --out "$OUT/b" --steps 250 --stop-after "$B_STOP" --batch-tokens 4096 \
+    --lr 1e-2 --warmup "$(( B_STOP < 10 ? B_STOP : 10 ))" --seed 1 --val-every 50 --val-tokens 8192 \
+    --save-every 25 --keep 2
+train --init-from "$OUT/b/$(step "$B_STOP")" --out "$OUT/c" --steps "$C_STEPS" --stop-after "$C_STOP" \
+    --batch-tokens 4096 --lr 1e-2 --warmup "$(( C_STEPS < 10 ? C_STEPS : 10 ))" --seed 2 --val-every 100 \
+    --val-tokens 8192 --save-every 50 --keep 3
 
 echo "== 6/6 export and evaluate"
-last=$(ls -d "$OUT"/run/step-* | sort | tail -1)
+last="$OUT/c/$(step "$C_STOP")"
 rm -rf "$EXPORT" && mkdir -p "$EXPORT"
 cp "$last"/config.json "$last"/generation_config.json "$last"/*.safetensors "$last"/tiktoken.model \
    "$last"/tokenizer_config.json "$EXPORT"/
