@@ -148,6 +148,8 @@ def main():
     ap.add_argument("--requests-per-level", type=int, default=2, help="requests per level = this x concurrency")
     ap.add_argument("--soak-seconds", type=float, default=0, help="run the soak for this long (0 = skip)")
     ap.add_argument("--dtype", default="float32", help="model dtype on CPU (bfloat16 on a GPU)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                    help="engine token budget per step (smaller: prefill chunks stall decode steps less)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     args = ap.parse_args()
 
@@ -167,7 +169,7 @@ def main():
     top = max(args.concurrency)
     max_len = args.input_len + args.output_len + 8
     llm = LLM(args.model, dtype=dtype, device=device, max_num_seqs=max(top, 8), max_model_len=max_len,
-              max_num_batched_tokens=max(2048, args.input_len), enable_prefix_caching=False)
+              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False)
     vocab = llm.tokenizer.n_base  # ordinary tokens only: random specials would read as chat control
     rng = random.Random(0)
 
