@@ -4,7 +4,7 @@
 # 8 experts top-2 + 1 shared) trained with MuonClip under bf16 autocast -> export -> held-out evaluation.
 #
 #   bash runs/train_builtin.sh                 # everything, CPU, 2 threads
-#   A_STOP=2 B_STOP=2 C_STEPS=2 EPISODES=400 EVAL_N=3 OUT=/tmp/b EXPORT=/tmp/b/export bash runs/train_builtin.sh
+#   A_STOP=2 B_STOP=2 C_STOP=2 D_STEPS=2 EPISODES=400 EVAL_N=3 OUT=/tmp/b EXPORT=/tmp/b/export bash runs/train_builtin.sh
 #                                              # a one-minute smoke run of every stage
 #
 # Deterministic given the same toolverse version, flags and torch build: data, tokenizer and shards are
@@ -19,8 +19,9 @@ EXPORT=${EXPORT:-kimi/builtin/model}
 EPISODES=${EPISODES:-30000}       # training conversations written (the run reads the first ~1/3 of them)
 A_STOP=${A_STOP:-20}              # stage A: steps run of its 240-step schedule
 B_STOP=${B_STOP:-100}             # stage B: steps run of its 250-step schedule
-C_STEPS=${C_STEPS:-600}           # stage C: its schedule's length
-C_STOP=${C_STOP:-$C_STEPS}        # stage C: steps run
+C_STOP=${C_STOP:-350}             # stage C: steps run of its 600-step schedule
+D_STEPS=${D_STEPS:-1100}          # stage D: its schedule's length
+D_STOP=${D_STOP:-$D_STEPS}        # stage D: steps run
 THREADS=${THREADS:-2}
 EVAL_N=${EVAL_N:-200}             # episodes per evaluation split
 PY=${PY:-python3}
@@ -48,26 +49,28 @@ cat > "$OUT/config.json" <<'JSON'
  "bos_token_id": 1792, "eos_token_id": 1794, "pad_token_id": 2047}
 JSON
 
-echo "== 5/6 MuonClip training, in the three stages the shipped model went through"
-# Each stage starts from the previous stage's last checkpoint (weights only) with a fresh warmup + cosine schedule;
-# A and B are the first steps of longer schedules (--stop-after), exactly as they were run.
+echo "== 5/6 MuonClip training, in the four stages the shipped model went through"
+# Each stage starts from the previous stage's last checkpoint (weights only; fresh optimizer state, warmup and
+# cosine schedule). A, B and C ran only the first steps of longer schedules (--stop-after), exactly as here: the
+# run was re-planned as the shared machine's speed changed (~300 to ~3,500 tokens/s).
 train() {
     $PY -m kimi train --data "$OUT/tokens" --seq-len 1024 --optimizer muonclip --schedule cosine --min-lr-ratio 0.1 \
         --autocast bf16 --threads "$THREADS" --no-progress --resume "$@"
 }
 step() { printf "step-%06d" "$1"; }
+warm() { echo $(( $1 < 10 ? $1 : 10 )); }
 train --model-config "$OUT/config.json" --out "$OUT/a" --steps 240 --stop-after "$A_STOP" --batch-tokens 8192 \
-    --lr 8e-3 --warmup "$(( A_STOP < 10 ? A_STOP : 10 ))" --seed 0 --val-every 40 --val-tokens 20000 \
-    --save-every 20 --keep 3
+    --lr 8e-3 --warmup "$(warm "$A_STOP")" --seed 0 --val-every 40 --val-tokens 20000 --save-every 20 --keep 3
 train --init-from "$OUT/a/$(step "$A_STOP")" --out "$OUT/b" --steps 250 --stop-after "$B_STOP" --batch-tokens 4096 \
-    --lr 1e-2 --warmup "$(( B_STOP < 10 ? B_STOP : 10 ))" --seed 1 --val-every 50 --val-tokens 8192 \
-    --save-every 25 --keep 2
-train --init-from "$OUT/b/$(step "$B_STOP")" --out "$OUT/c" --steps "$C_STEPS" --stop-after "$C_STOP" \
-    --batch-tokens 4096 --lr 1e-2 --warmup "$(( C_STEPS < 10 ? C_STEPS : 10 ))" --seed 2 --val-every 100 \
-    --val-tokens 8192 --save-every 50 --keep 3
+    --lr 1e-2 --warmup "$(warm "$B_STOP")" --seed 1 --val-every 50 --val-tokens 8192 --save-every 25 --keep 2
+train --init-from "$OUT/b/$(step "$B_STOP")" --out "$OUT/c" --steps 600 --stop-after "$C_STOP" --batch-tokens 4096 \
+    --lr 1e-2 --warmup "$(warm "$C_STOP")" --seed 2 --val-every 100 --val-tokens 8192 --save-every 50 --keep 3
+train --init-from "$OUT/c/$(step "$C_STOP")" --out "$OUT/d" --steps "$D_STEPS" --stop-after "$D_STOP" \
+    --batch-tokens 4096 --lr 1e-2 --warmup "$(warm "$D_STEPS")" --seed 3 --val-every 100 --val-tokens 8192 \
+    --save-every 100 --keep 3
 
 echo "== 6/6 export and evaluate"
-last="$OUT/c/$(step "$C_STOP")"
+last="$OUT/d/$(step "$D_STOP")"
 rm -rf "$EXPORT" && mkdir -p "$EXPORT"
 cp "$last"/config.json "$last"/generation_config.json "$last"/*.safetensors "$last"/tiktoken.model \
    "$last"/tokenizer_config.json "$EXPORT"/
