@@ -222,6 +222,27 @@ def _eos(r: _Reader):
     return r.opt("eos_token_id", None, int)
 
 
+def _common(r: _Reader, d: dict) -> dict:
+    """The fields both families read the same way: sizes, MLA shapes, special ids, init, dtype, the source."""
+    return dict(
+        vocab_size=r.req("vocab_size"),
+        hidden_size=r.req("hidden_size"),
+        intermediate_size=r.req("intermediate_size"),
+        num_attention_heads=r.req("num_attention_heads"),
+        q_lora_rank=r.opt("q_lora_rank", None, int),
+        kv_lora_rank=r.req("kv_lora_rank"),
+        qk_nope_head_dim=r.req("qk_nope_head_dim"),
+        qk_rope_head_dim=r.req("qk_rope_head_dim"),
+        v_head_dim=r.req("v_head_dim"),
+        bos_token_id=r.opt("bos_token_id", None, int),
+        eos_token_id=_eos(r),
+        pad_token_id=r.opt("pad_token_id", None, int),
+        initializer_range=r.opt("initializer_range", 0.02, float),
+        torch_dtype=r.opt("torch_dtype", r.opt("dtype", "bfloat16", str), str),
+        source=d,
+    )
+
+
 def _from_k2(d: dict) -> ModelConfig:
     r = _Reader(d, d["model_type"])
     if r.opt("hidden_act", "silu", str) != "silu":
@@ -245,17 +266,9 @@ def _from_k2(d: dict) -> ModelConfig:
     return _validated(
         ModelConfig(
             model_type="deepseek_v3",
-            vocab_size=r.req("vocab_size"),
-            hidden_size=r.req("hidden_size"),
+            **_common(r, d),
             num_hidden_layers=n_layers,
-            intermediate_size=r.req("intermediate_size"),
             rms_norm_eps=r.opt("rms_norm_eps", 1e-6, float),
-            num_attention_heads=r.req("num_attention_heads"),
-            q_lora_rank=r.opt("q_lora_rank", None, int),
-            kv_lora_rank=r.req("kv_lora_rank"),
-            qk_nope_head_dim=r.req("qk_nope_head_dim"),
-            qk_rope_head_dim=r.req("qk_rope_head_dim"),
-            v_head_dim=r.req("v_head_dim"),
             use_rope=True,
             rope_theta=theta,
             rope_scaling=yarn,
@@ -274,12 +287,6 @@ def _from_k2(d: dict) -> ModelConfig:
             mlp_types=mlp_types,
             tie_word_embeddings=r.opt("tie_word_embeddings", False, bool),
             max_position_embeddings=r.opt("max_position_embeddings", 4096, int),
-            bos_token_id=r.opt("bos_token_id", None, int),
-            eos_token_id=_eos(r),
-            pad_token_id=r.opt("pad_token_id", None, int),
-            initializer_range=r.opt("initializer_range", 0.02, float),
-            torch_dtype=r.opt("torch_dtype", r.opt("dtype", "bfloat16", str), str),
-            source=d,
         )
     )
 
@@ -342,17 +349,9 @@ def _from_kimi_linear(d: dict) -> ModelConfig:
     return _validated(
         ModelConfig(
             model_type="kimi_linear",
-            vocab_size=r.req("vocab_size"),
-            hidden_size=r.req("hidden_size"),
+            **_common(r, d),
             num_hidden_layers=n_layers,
-            intermediate_size=r.req("intermediate_size"),
             rms_norm_eps=r.opt("rms_norm_eps", 1e-5, float),
-            num_attention_heads=r.req("num_attention_heads"),
-            q_lora_rank=r.opt("q_lora_rank", None, int),
-            kv_lora_rank=r.req("kv_lora_rank"),
-            qk_nope_head_dim=r.req("qk_nope_head_dim"),
-            qk_rope_head_dim=r.req("qk_rope_head_dim"),
-            v_head_dim=r.req("v_head_dim"),
             use_rope=False,
             rope_theta=r.opt("rope_theta", 10000.0, float),
             rope_scaling=None,
@@ -371,12 +370,6 @@ def _from_kimi_linear(d: dict) -> ModelConfig:
             mlp_types=mlp_types,
             tie_word_embeddings=r.opt("tie_word_embeddings", False, bool),
             max_position_embeddings=r.opt("model_max_length", 1048576, int, "max_position_embeddings"),
-            bos_token_id=r.opt("bos_token_id", None, int),
-            eos_token_id=_eos(r),
-            pad_token_id=r.opt("pad_token_id", None, int),
-            initializer_range=r.opt("initializer_range", 0.02, float),
-            torch_dtype=r.opt("torch_dtype", r.opt("dtype", "bfloat16", str), str),
-            source=d,
         )
     )
 
