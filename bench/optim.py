@@ -53,16 +53,22 @@ CONFIG = {
 }
 
 
-def run_one(job: dict) -> dict:
-    """One training run in this (worker) process; returns its summary and validation curve."""
-    import torch
+RESULT = "bench_result.json"
+JOB_KEYS = ("optimizer", "lr", "seed", "tokens", "batch_tokens", "seq_len", "tau", "warmup", "autocast", "val_points")
+# Trainer settings that define a run; a reused checkpoint must have been trained with exactly these.
+TRAIN_KEYS = ("optimizer", "lr", "seed", "steps", "batch_tokens", "seq_len", "micro_batch", "adamw_lr", "weight_decay",
+              "muon_scale", "qk_clip_tau", "warmup", "schedule", "min_lr_ratio", "decay_frac", "grad_clip", "autocast",
+              "val_every")
 
-    from kimi.train.trainer import train
 
-    torch.set_num_threads(job["threads"])
-    out = Path(job["root"]) / f"{job['optimizer']}-lr{job['lr']:g}-s{job['seed']}"
+def run_dir(job: dict) -> Path:
+    return Path(job["root"]) / f"{job['optimizer']}-lr{job['lr']:g}-s{job['seed']}"
+
+
+def train_args(job: dict) -> Namespace:
+    """The kimi.train.trainer.train arguments of one bench run."""
     steps = job["tokens"] // job["batch_tokens"]
-    args = Namespace(model_config=job["config"], data=job["data"], out=str(out), steps=steps,
+    return Namespace(model_config=job["config"], data=job["data"], out=str(run_dir(job)), steps=steps,
                      batch_tokens=job["batch_tokens"], seq_len=job["seq_len"], micro_batch=0,
                      optimizer=job["optimizer"], lr=job["lr"], adamw_lr=None, weight_decay=0.1,
                      muon_scale="moonlight", qk_clip_tau=job["tau"], warmup=job["warmup"], schedule="cosine",
@@ -70,14 +76,81 @@ def run_one(job: dict) -> dict:
                      val_every=max(1, steps // job["val_points"]), val_tokens=None, save_every=0, keep=1,
                      stop_after=0, init_from=None, resume=False, seed=job["seed"], device="cpu", threads=job["threads"],
                      no_progress=True)
-    t0 = time.perf_counter()
-    summary = train(args)
-    wall = time.perf_counter() - t0
+
+
+def summarize(job: dict, wall: float | None) -> dict:
+    """A finished run's summary and validation curve, read from its metrics.jsonl.
+
+    wall None: the run predates bench_result.json, so its wall time is derived as the sum of the logged per-step
+    times (batch_tokens / tok_s): training steps only, without validation and checkpointing."""
+    out = run_dir(job)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    curve = [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r]
-    return {**{k: job[k] for k in ("optimizer", "lr", "seed", "tokens")}, "val_loss": summary["val_loss"],
-            "train_loss": summary["final_loss"], "wall_s": wall, "tok_s": summary["tokens"] / wall, "curve": curve,
-            "max_logit": max((r["max_logit"] or 0) for r in rows), "steps": steps, "out": str(out)}
+    derived = wall is None
+    if derived:
+        wall = sum(job["batch_tokens"] / r["tok_s"] for r in rows)
+    return {**{k: job[k] for k in ("optimizer", "lr", "seed", "tokens")}, "val_loss": rows[-1]["val_loss"],
+            "train_loss": rows[-1]["loss"], "wall_s": wall, "wall_derived": derived, "tok_s": rows[-1]["tokens"] / wall,
+            "curve": [(r["tokens"], r["val_loss"]) for r in rows if "val_loss" in r],
+            "max_logit": max((r["max_logit"] or 0) for r in rows), "steps": rows[-1]["step"], "out": str(out)}
+
+
+def finished(job: dict) -> dict | None:
+    """The summary of a finished run of exactly `job` already in its run directory, or None if it has none.
+
+    A run directory holding a checkpoint of some other job (other settings, or not trained to the end) is an error,
+    not something to overwrite or silently reuse."""
+    from kimi.train import checkpoint as ck
+
+    out = run_dir(job)
+    ckpt = ck.latest(out)
+    if ckpt is None:
+        return None
+    want = vars(train_args(job))
+    state = ck.read_state(ckpt)
+    have = state["args"]
+    wrong = [f"{k}={have.get(k)!r} (expected {want[k]!r})" for k in TRAIN_KEYS if have.get(k) != want[k]]
+    if state["step"] != want["steps"]:
+        wrong.append(f"checkpoint step {state['step']} (expected {want['steps']})")
+    saved = out / RESULT
+    wall = None
+    if saved.is_file():
+        result = json.loads(saved.read_text())
+        wrong += [f"{RESULT} {k}={result['job'].get(k)!r} (expected {job[k]!r})" for k in JOB_KEYS
+                  if result["job"].get(k) != job[k]]
+        wall = result["wall_s"]
+    if wrong:
+        raise ValueError(f"{out} holds a different run than the one requested: {', '.join(wrong)}; "
+                         f"choose another --root or remove that directory")
+    return {**summarize(job, wall), "reused": True}
+
+
+def run_one(job: dict) -> dict:
+    """One training run in this (worker) process; returns its summary and validation curve.
+
+    Writes bench_result.json (the job, the summary, the wall time) into the run directory when the run completes,
+    so a later invocation with the same --root can reuse it."""
+    import torch
+
+    from kimi.train.trainer import train
+
+    torch.set_num_threads(job["threads"])
+    t0 = time.perf_counter()
+    train(train_args(job))
+    wall = time.perf_counter() - t0
+    result = summarize(job, wall)
+    record = {"job": {k: job[k] for k in JOB_KEYS}, "wall_s": wall,
+              "summary": {k: result[k] for k in ("val_loss", "train_loss", "tok_s", "max_logit", "steps")}}
+    tmp = run_dir(job) / (RESULT + ".tmp")
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(run_dir(job) / RESULT)
+    return {**result, "reused": False}
+
+
+def execute(pool: ProcessPoolExecutor, jobs: list) -> list:
+    """Results of `jobs` in order: finished runs found under --root are reused, the others trained in `pool`."""
+    reused = [finished(job) for job in jobs]
+    fresh = iter(pool.map(run_one, [job for job, r in zip(jobs, reused) if r is None]))
+    return [r if r is not None else next(fresh) for r in reused]
 
 
 def reload_val_loss(run_dir: str, data: str, seq_len: int, threads: int) -> float:
@@ -150,6 +223,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per run")
     p.add_argument("--val-points", type=int, default=5, help="validation evaluations per run")
     p.add_argument("--data", default=str(DATA), help="tinyshakespeare.txt")
+    p.add_argument("--root", default=None,
+                   help="directory of the runs, one {optimizer}-lr{lr:g}-s{seed} directory each, plus the prepared "
+                        "data; finished runs of the same job found there are reused (default: a fresh temp dir)")
     args = p.parse_args()
     if args.seeds is None:
         args.seeds = 1 if args.quick else 3
@@ -163,8 +239,12 @@ def main() -> None:
     from kimi.model.model import build_model
     from kimi.train.data import prepare
 
-    root = Path(tempfile.mkdtemp(prefix="kimi-bench-optim-"))
-    prepare([args.data], "bytes", str(root / "data"), val_fraction=0.1, progress=False)
+    root = Path(args.root) if args.root else Path(tempfile.mkdtemp(prefix="kimi-bench-optim-"))
+    root.mkdir(parents=True, exist_ok=True)
+    if not (root / "data" / "manifest.json").is_file():
+        prepare([args.data], "bytes", str(root / "data"), val_fraction=0.1, progress=False)
+    if (root / "config.json").is_file() and json.loads((root / "config.json").read_text()) != CONFIG:
+        raise ValueError(f"{root / 'config.json'} is not this bench's model config: choose another --root")
     (root / "config.json").write_text(json.dumps(CONFIG))
     cfg = ModelConfig.from_dict(CONFIG)
     n_params = sum(t.numel() for t in build_model(cfg).parameters())
@@ -181,7 +261,7 @@ def main() -> None:
             for spec in args.runs.split(","):
                 o, lr, seed = spec.split(":")
                 jobs.append(dict(base, optimizer=o, lr=float(lr), seed=int(seed)))
-            results += list(pool.map(run_one, jobs))
+            results += execute(pool, jobs)
             best = {}
             for o in dict.fromkeys(r["optimizer"] for r in results):
                 mine = [r for r in results if r["optimizer"] == o]
@@ -190,15 +270,15 @@ def main() -> None:
         elif args.quick:
             jobs = [dict(base, optimizer=o, lr=lr, seed=args.first_seed + s) for s in range(args.seeds)
                     for o, lr in (("muonclip", args.anchor_lr), ("adamw", args.adamw_lr))]
-            results += list(pool.map(run_one, jobs))
+            results += execute(pool, jobs)
             best = {"muonclip": args.anchor_lr, "adamw": args.adamw_lr}
         else:
             jobs = [dict(base, optimizer=o, lr=lr, seed=0) for o in ("muonclip", "adamw") for lr in lrs]
-            results += list(pool.map(run_one, jobs))
+            results += execute(pool, jobs)
             best = {o: min((r for r in results if r["optimizer"] == o), key=lambda r: r["val_loss"])["lr"]
                     for o in ("muonclip", "adamw")}
             jobs = [dict(base, optimizer=o, lr=best[o], seed=s) for o in best for s in range(1, args.seeds)]
-            results += list(pool.map(run_one, jobs))
+            results += execute(pool, jobs)
     wall_all = time.perf_counter() - t_all
     peak_bf16 = matmul_peak("bfloat16", args.threads)
     peak_fp32 = matmul_peak("float32", args.threads)
@@ -213,17 +293,26 @@ def main() -> None:
     reach = [tokens_to_reach(r["curve"], stats["adamw"][0]) for r in muon_runs] if "adamw" in stats else [None]
     reach_ratio = (statistics.mean(reach) / args.tokens) if all(x is not None for x in reach) else None
     train_flops = 3 * flops_per_token(cfg, args.seq_len // 2)  # forward + backward, mean causal context
-    tok_s = statistics.mean(r["tok_s"] for r in results)  # per run (one process, --threads threads)
+    # per run (one process, --threads threads); wall times derived from old metrics would leave validation out
+    timed = [r for r in results if not r["wall_derived"]] or results
+    tok_s = statistics.mean(r["tok_s"] for r in timed)
+    reused = [r for r in results if r["reused"]]
 
     print(f"machine: {os.cpu_count()} CPU cores, torch {torch.__version__}, {args.jobs} runs in parallel x "
           f"{args.threads} thread(s); autocast {args.autocast}; model {n_params:,} params; "
           f"{args.tokens:,} tokens/run = {args.tokens // args.batch_tokens} steps x {args.batch_tokens} "
-          f"(seq {args.seq_len})")
+          f"(seq {args.seq_len}); runs under {root}")
+    if reused:
+        print(f"reused {len(reused)} finished run(s) from {root}: "
+              + ", ".join(Path(r["out"]).name for r in reused))
     print(f"{'optimizer':<10}{'lr':>8}{'seed':>6}{'val loss':>10}{'train loss':>12}{'max logit':>11}{'tok/s':>9}"
           f"{'wall s':>9}")
     for r in results:
         print(f"{r['optimizer']:<10}{r['lr']:>8g}{r['seed']:>6}{r['val_loss']:>10.4f}{r['train_loss']:>12.4f}"
-              f"{r['max_logit']:>11.2f}{r['tok_s']:>9.0f}{r['wall_s']:>9.0f}")
+              f"{r['max_logit']:>11.2f}{r['tok_s']:>9.0f}{r['wall_s']:>9.0f}{'*' if r['wall_derived'] else ''}")
+    if any(r["wall_derived"] for r in results):
+        print("* wall time derived from the per-step tok_s in metrics.jsonl (training steps only, no validation or "
+              "checkpointing): the run predates bench_result.json; throughput below leaves these runs out")
     print(f"anchor: MuonClip val loss {anchor['val_loss']:.4f} (target <= {TARGET}, nanoGPT {NANOGPT_VAL}) in "
           f"{anchor['wall_s']:.0f} s wall -> {'MET' if anchor['val_loss'] <= TARGET else 'NOT met'}")
     for o, (m, s) in stats.items():
@@ -232,7 +321,7 @@ def main() -> None:
     print("tokens for MuonClip to reach AdamW's final loss: "
           + (f"{reach_ratio:.2f} x the budget (from its validation curve)" if reach_ratio else "not reached"))
     if ok:
-        print(f"throughput {tok_s:.0f} tok/s per run; {train_flops / 1e6:.1f} MFLOP/token; "
+        print(f"throughput {tok_s:.0f} tok/s per run (mean of {len(timed)}); {train_flops / 1e6:.1f} MFLOP/token; "
               f"MFU {tok_s * train_flops / peak_bf16:.2%} "
               f"of the measured bf16 matmul peak {peak_bf16 / 1e9:.1f} GFLOP/s "
               f"({tok_s * train_flops / peak_fp32:.2%} of fp32 {peak_fp32 / 1e9:.1f}), {args.threads} thread(s)")
@@ -251,8 +340,8 @@ def main() -> None:
         "tok_s": round(tok_s) if ok else None, "mfu_bf16": tok_s * train_flops / peak_bf16 if ok else None,
         "peak_bf16_gflops": round(peak_bf16 / 1e9, 1), "peak_fp32_gflops": round(peak_fp32 / 1e9, 1),
         "total_wall_s": round(wall_all), "reloaded_val_loss": reloaded,
-        "runs": [{k: r[k] for k in ("optimizer", "lr", "seed", "val_loss")}
-                                                 for r in results]}))
+        "reused": len(reused),
+        "runs": [{k: r[k] for k in ("optimizer", "lr", "seed", "val_loss", "reused")} for r in results]}))
 
 
 if __name__ == "__main__":
