@@ -18,6 +18,7 @@ must be finite, and the anchor's final checkpoint, reloaded with kimi.load_model
 trainer logged (< 1e-4); speeds and comparisons are not reported if it fails.
 
     python bench/optim.py                # everything (hours on a 2-core CPU)
+    python bench/optim.py --root DIR     # the same, keeping runs in DIR: a rerun reuses the finished ones
     python bench/optim.py --quick        # MuonClip (--anchor-lr) and AdamW (--adamw-lr) at the full budget, seed 0
 Prints a table, then one JSON line last.
 """
@@ -314,7 +315,8 @@ def main() -> None:
         print("* wall time derived from the per-step tok_s in metrics.jsonl (training steps only, no validation or "
               "checkpointing): the run predates bench_result.json; throughput below leaves these runs out")
     print(f"anchor: MuonClip val loss {anchor['val_loss']:.4f} (target <= {TARGET}, nanoGPT {NANOGPT_VAL}) in "
-          f"{anchor['wall_s']:.0f} s wall -> {'MET' if anchor['val_loss'] <= TARGET else 'NOT met'}")
+          f"{anchor['wall_s']:.0f} s wall{'*' if anchor['wall_derived'] else ''} -> "
+          f"{'MET' if anchor['val_loss'] <= TARGET else 'NOT met'}")
     for o, (m, s) in stats.items():
         sd = "n/a" if s is None else f"{s:.4f}"
         print(f"{o}: best lr {best[o]:g}, final val loss {m:.4f} +- {sd} over {len(final[o])} seed(s)")
@@ -332,15 +334,15 @@ def main() -> None:
     print(json.dumps({
         "bench": "optim", "ok": ok, "quick": args.quick, "params": n_params, "tokens_per_run": args.tokens,
         "anchor_val_loss": anchor["val_loss"], "anchor_target": TARGET, "anchor_met": anchor["val_loss"] <= TARGET,
-        "anchor_wall_s": round(anchor["wall_s"], 1),
+        "anchor_wall_s": round(anchor["wall_s"], 1), "anchor_wall_derived": anchor["wall_derived"],
         "best_lr": best,
         "val_loss_mean_sd": {o: [round(m, 4), None if s is None else round(s, 4)] for o, (m, s) in stats.items()},
         "seeds": {o: len(v) for o, v in final.items()},
         "muonclip_tokens_to_adamw_final": reach_ratio if ok else None,
         "tok_s": round(tok_s) if ok else None, "mfu_bf16": tok_s * train_flops / peak_bf16 if ok else None,
         "peak_bf16_gflops": round(peak_bf16 / 1e9, 1), "peak_fp32_gflops": round(peak_fp32 / 1e9, 1),
-        "total_wall_s": round(wall_all), "reloaded_val_loss": reloaded,
-        "reused": len(reused),
+        "total_wall_s": round(wall_all), "runs_wall_s": round(sum(r["wall_s"] for r in results)),
+        "reused": len(reused), "reloaded_val_loss": reloaded,
         "runs": [{k: r[k] for k in ("optimizer", "lr", "seed", "val_loss", "reused")} for r in results]}))
 
 
