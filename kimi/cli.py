@@ -94,13 +94,17 @@ def add_tokenizer_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--input", nargs="+", required=True, help="text files to train on")
     t.add_argument("--vocab-size", type=int, required=True, help="embedding size: base ranks + 256 special ids")
     t.add_argument("--out", required=True, help="output directory")
+    t.add_argument("--split-word-prefix", action="store_true",
+                   help="learn no token that joins a word to the space or punctuation before it, so a word is the "
+                        "same tokens in prose and inside JSON (helps tiny models copy values into tool calls)")
     t.set_defaults(func=tokenizer_train_main)
 
 
 def tokenizer_train_main(args) -> None:
     from kimi.tokenizer.bpe import train_tokenizer
 
-    tok = train_tokenizer(args.input, args.vocab_size, args.out, progress=True)
+    tok = train_tokenizer(args.input, args.vocab_size, args.out, progress=True,
+                          split_word_prefix=args.split_word_prefix)
     print(f"wrote {args.out}/tiktoken.model and {args.out}/tokenizer_config.json (vocab size {tok.vocab_size})")
 
 

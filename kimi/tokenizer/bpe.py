@@ -31,10 +31,20 @@ def byte_to_char() -> dict[int, str]:
     return mapping
 
 
+# The character Kimi's pattern lets a word carry in front of it (a space, a quote, a bracket), when a letter follows.
+WORD_PREFIX = r"[^\r\n\p{L}\p{N}](?=\p{L})"
+
+
 def train_tokenizer(files: list[str], vocab_size: int, out_dir: str, min_frequency: int = 2,
-                    progress: bool = False) -> Tokenizer:
+                    progress: bool = False, split_word_prefix: bool = False) -> Tokenizer:
     """Train on `files` so that base ranks + 256 specials = `vocab_size` (the embedding size), write
     `tiktoken.model` + `tokenizer_config.json` to `out_dir`, and return the loaded tokenizer.
+
+    `split_word_prefix`: learn no merge across a word's leading space or punctuation, so a word is the same
+    tokens wherever it stands (` Kyiv` in prose, `"Kyiv` in JSON arguments: the prefix, then identical pieces).
+    Kimi's split pattern still applies unchanged at encode time; it is the vocabulary that lacks such tokens.
+    A tiny model then copies a value from the conversation into a tool call as a token identity instead of
+    having to learn a ` Kyiv` -> `Kyiv` mapping for every word it may meet (kimi's built-in model uses this).
 
     A small corpus may run out of merges first; then the written vocabulary is smaller (a warning says
     so, and the returned tokenizer's `vocab_size` is the true size).
@@ -56,10 +66,11 @@ def train_tokenizer(files: list[str], vocab_size: int, out_dir: str, min_frequen
         raise ValueError(f"vocab_size {vocab_size} too small: need at least {MIN_BASE + NUM_SPECIAL} "
                          f"(256 bytes + 1 merge + {NUM_SPECIAL} special ids)")
     hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(KIMI_PATTERN), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    splits = [pre_tokenizers.Split(Regex(KIMI_PATTERN), behavior="isolated")]
+    if split_word_prefix:
+        splits.append(pre_tokenizers.Split(Regex(WORD_PREFIX), behavior="isolated"))
+    hf.pre_tokenizer = pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False,
+                                                                                  use_regex=False)])
     trainer = trainers.BpeTrainer(vocab_size=n_base, min_frequency=min_frequency, show_progress=progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     hf.train(files, trainer)
