@@ -114,6 +114,17 @@ def test_parallel_false_keeps_the_first_call(tok):
     assert "parallel_tool_calls is false" in msg["invalid_tool_calls"][0]["error"]
 
 
+@pytest.mark.parametrize("choice, want", [("auto", "tool_calls"), ("required", "tool_calls"), ("named", "stop")])
+def test_finish_reason_after_a_call_follows_openai(tok, choice, want):
+    # OpenAI: "tool_calls" when the model called under auto / required, "stop" when a named function was forced
+    text = "<|tool_calls_section_begin|>" + CALL.format("add", 0, '{"a": 1}') + "<|tool_calls_section_end|><|im_end|>"
+    st, _ = run(tok, text, plan(choice))
+    assert st.message()["tool_calls"][0]["function"]["name"] == "add"
+    assert st.finish_reason == want
+    assert run(tok, "no call<|im_end|>", plan(choice))[0].finish_reason == "stop"
+    assert run(tok, text, plan(choice), finish="length")[0].finish_reason == "length"
+
+
 def test_non_canonical_call_id_is_rewritten(tok):
     bare = "<|tool_call_begin|>add<|tool_call_argument_begin|>{\"a\": 1}<|tool_call_end|>"
     msg = run(tok, "<|tool_calls_section_begin|>" + bare, plan())[0].message()

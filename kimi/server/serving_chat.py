@@ -199,7 +199,9 @@ class ChoiceState:
             items = chat_logprobs(self.tokenizer, fresh)
         if output.finish_reason is not None and self.finish_reason is None:
             reason = output.finish_reason
-            if reason == "stop" and self.calls:
+            # OpenAI answers "tool_calls" when the model chose to call (auto, required) but "stop" when the request
+            # forced a named function (vLLM follows it; serving.md §2.4)
+            if reason == "stop" and self.calls and self.plan.tool_choice != "named":
                 reason = "tool_calls"
             self.finish_reason = reason
         return deltas, items
