@@ -262,6 +262,36 @@ def test_disconnect_mid_stream_frees_the_request(server):
     assert any(o == "abort" for (_, o) in state.metrics.requests)
 
 
+def test_chat_page_with_an_api_key(server):
+    # With --api-key the page itself stays public (static, no secrets; a browser cannot send a bearer header when it
+    # navigates), and every API call it makes carries the key typed into its settings panel. A real headless
+    # browser, skipped where none is installed (as in test_chat_page.py).
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.test_chat_page import _browser
+
+    with live_server(server[1].engine.engine, api_key="s3cret") as (url, state):
+        browser = _browser()
+        try:
+            browser.get(url + "/")
+            wait = WebDriverWait(browser, 60)
+            wait.until(lambda b: "invalid API key" in b.find_element(By.ID, "status").text)
+            assert not browser.find_elements(By.CSS_SELECTOR, "#model option")
+            browser.find_element(By.ID, "api_key").send_keys("s3cret" + Keys.TAB)  # "change" reloads the models
+            wait.until(lambda b: b.find_element(By.ID, "status").text == "ready")
+            browser.find_element(By.ID, "max_tokens").clear()
+            browser.find_element(By.ID, "max_tokens").send_keys("4")
+            browser.find_element(By.ID, "input").send_keys("hello")
+            browser.find_element(By.ID, "send").click()
+            wait.until(lambda b: b.find_elements(By.XPATH, "//div[contains(text(),'4 completion tokens')]"))
+            assert not browser.find_elements(By.CSS_SELECTOR, ".error")
+            assert sum(n for (endpoint, _), n in state.metrics.requests.items() if endpoint == "chat") == 1
+        finally:
+            browser.quit()
+
+
 def test_json_schema_output(client):
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 10},
                                                "age": {"type": "integer", "minimum": 0, "maximum": 150}},
@@ -285,18 +315,23 @@ def test_constrained_tool_calls_stream_and_whole(client, choice):
               parallel_tool_calls=False)
     whole = client.chat.completions.create(**kw)
     c = whole.choices[0]
-    assert c.finish_reason == "tool_calls", c  # bounded argument schemas: the grammar must close the section
+    # bounded argument schemas: the grammar must close the section; a forced named function ends with "stop", as
+    # OpenAI's API does, "required" with "tool_calls"
+    want = "stop" if isinstance(choice, dict) else "tool_calls"
+    assert c.finish_reason == want, c
     assert len(c.message.tool_calls) == 1
     call = c.message.tool_calls[0]
     assert call.id == f"functions.{call.function.name}:{call.id.rsplit(':', 1)[1]}"
     if isinstance(choice, dict):
         assert call.function.name == "add"
     json.loads(call.function.arguments)
-    calls = {}
+    calls, finish = {}, []
     for ch in client.chat.completions.create(**kw, stream=True):
         for d in ch.choices:
+            finish += [d.finish_reason] if d.finish_reason else []
             for tc in d.delta.tool_calls or ():
                 x = calls.setdefault(tc.index, {"id": tc.id, "name": tc.function.name, "arguments": ""})
                 x["arguments"] += tc.function.arguments or ""
     assert [(x["id"], x["name"], x["arguments"]) for x in calls.values()] == \
         [(t.id, t.function.name, t.function.arguments) for t in c.message.tool_calls or ()]
+    assert finish == [want]
