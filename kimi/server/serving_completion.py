@@ -126,8 +126,9 @@ async def completion_stream(state, plan: CompletionPlan, sub, rid, model, t0):
                     sent_lp[i] = len(o.logprobs)
                 if o.finish_reason is not None:
                     finish[i] = o.finish_reason
-                if delta or lp or o.finish_reason is not None:
-                    yield sse(chunk(i, delta, lp, o.finish_reason))
+                # one event per step that produced tokens, even when their text is held back (an incomplete
+                # UTF-8 sequence, a possible stop string): clients see the token cadence, as vLLM streams it
+                yield sse(chunk(i, delta, lp, o.finish_reason))
         if plan.include_usage:
             yield sse({"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [],
                        "usage": usage(len(plan.prompt_ids), sum(counts), cached)})
