@@ -185,6 +185,21 @@ def test_completions(client):
     assert ids.usage.prompt_tokens == 3
 
 
+def test_completion_stream_sends_one_event_per_token(server):
+    # An event per token even when its text is held back (here: byte tokens of an unfinished UTF-8 character), so
+    # a client sees the token cadence, as vLLM streams it; the text still adds up to the whole response's.
+    body = {"model": "demo", "prompt": [5, 6, 7], "max_tokens": 48, "temperature": 1.0, "seed": 11, "ignore_eos": True}
+    whole = httpx.post(server[0] + "/v1/completions", json=body, timeout=120).json()
+    events = []
+    with httpx.stream("POST", server[0] + "/v1/completions", json={**body, "stream": True}, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                events += [c["text"] for c in json.loads(line[6:])["choices"]]
+    assert len(events) == whole["usage"]["completion_tokens"] == 48
+    assert "".join(events) == whole["choices"][0]["text"]
+    assert "" in events  # the case is exercised: some token's text was held back
+
+
 def test_health_metrics_and_loading(server, tmp_path):
     from fastapi.testclient import TestClient
 
