@@ -291,7 +291,7 @@ def main() -> None:
     final = {o: [r["val_loss"] for r in results if r["optimizer"] == o and r["lr"] == best[o]] for o in best}
     stats = {o: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else None) for o, v in final.items()}
     muon_runs = [r for r in results if r["optimizer"] == "muonclip" and r["lr"] == best["muonclip"]]
-    reach = [tokens_to_reach(r["curve"], stats["adamw"][0]) for r in muon_runs] if "adamw" in stats else [None]
+    reach = [tokens_to_reach(r["curve"], stats["adamw"][0]) for r in muon_runs] if "adamw" in stats and muon_runs else [None]
     reach_ratio = (statistics.mean(reach) / args.tokens) if all(x is not None for x in reach) else None
     train_flops = 3 * flops_per_token(cfg, args.seq_len // 2)  # forward + backward, mean causal context
     # per run (one process, --threads threads); wall times derived from old metrics would leave validation out
@@ -314,7 +314,7 @@ def main() -> None:
     if any(r["wall_derived"] for r in results):
         print("* wall time derived from the per-step tok_s in metrics.jsonl (training steps only, no validation or "
               "checkpointing): the run predates bench_result.json; throughput below leaves these runs out")
-    print(f"anchor: MuonClip val loss {anchor['val_loss']:.4f} (target <= {TARGET}, nanoGPT {NANOGPT_VAL}) in "
+    print(f"anchor: {anchor['optimizer']} val loss {anchor['val_loss']:.4f} (target <= {TARGET}, nanoGPT {NANOGPT_VAL}) in "
           f"{anchor['wall_s']:.0f} s wall{'*' if anchor['wall_derived'] else ''} -> "
           f"{'MET' if anchor['val_loss'] <= TARGET else 'NOT met'}")
     for o, (m, s) in stats.items():
