@@ -3,7 +3,6 @@ BPE training. Tokenizers are trained here on a slice of tinyshakespeare (well un
 
 import base64
 import json
-import re
 import time
 from pathlib import Path
 
@@ -13,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kimi.tokenizer.bpe import byte_to_char, train_tokenizer
-from kimi.tokenizer.tokenizer import (K2_SPECIAL_NAMES, KIMI_PATTERN, NUM_SPECIAL, Tokenizer, read_tiktoken_model,
-                                      split_long_input)
+from kimi.tokenizer.tokenizer import (_ASCII_SPACES, _SPACES, K2_SPECIAL_NAMES, KIMI_PATTERN, NUM_SPECIAL, Tokenizer,
+                                      read_tiktoken_model, split_long_input)
 
 SHAKESPEARE = Path(__file__).parents[2] / "shared/data/tinyshakespeare.txt"
 CORPUS_LINES = ["First Citizen: Before we proceed any further, hear me speak.",
@@ -177,10 +176,15 @@ def _module_tok():
     return _TOK[0]
 
 
-def test_python_whitespace_class_is_isspace():
-    """The long-run splitter relies on `re`'s `\\s` being exactly `str.isspace` (Kimi's per-char test)."""
-    ws = re.compile(r"\s")
-    assert all((ws.match(chr(c)) is not None) == chr(c).isspace() for c in range(0x110000))
+def test_whitespace_table_is_isspace():
+    """The long-run splitter finds whitespace with `find` over a table of characters and `lstrip`/`rstrip`;
+    both must agree exactly with `str.isspace` (Kimi's per-character test) on every code point."""
+    every = [chr(c) for c in range(0x110000)]
+    spaces = [ch for ch in every if ch.isspace()]
+    assert sorted(_SPACES) == spaces and len(set(_SPACES)) == len(_SPACES)
+    assert set(_ASCII_SPACES) == {ch for ch in spaces if ch.isascii()} and _SPACES.startswith(_ASCII_SPACES)
+    assert all(not ch.lstrip() and not ch.rstrip() for ch in spaces)
+    assert all(ch.lstrip() == ch == ch.rstrip() for ch in every if not ch.isspace())
 
 
 def _kimi_split_reference(text, max_run, window):
@@ -201,8 +205,14 @@ def _kimi_split_reference(text, max_run, window):
     return out
 
 
-@settings(max_examples=300, deadline=None)
-@given(st.text(st.sampled_from(list("ab \n\u3000")), max_size=80), st.integers(1, 9), st.integers(1, 30))
+# ASCII only (incl. the rare ASCII whitespace), one-byte non-ASCII (\x85, \xa0, é), and wide characters
+split_texts = (st.text(st.sampled_from(list("ab \n\u3000")), max_size=80)
+               | st.text(st.sampled_from(list("ab \t\x0b\x1c\x1f")), max_size=80)
+               | st.text(st.sampled_from(list("aé \x85\xa0\u2028😀")), max_size=80))
+
+
+@settings(max_examples=400, deadline=None)
+@given(split_texts, st.integers(1, 9), st.integers(1, 30))
 def test_split_long_input_matches_reference(text, max_run, window):
     got = split_long_input(text, max_run=max_run, window=window)
     assert "".join(got) == text
@@ -231,6 +241,63 @@ def test_adversarial_inputs_encode_in_linear_time(tok):
     for unit in (" ", "z", "ab"):
         small, large = best(unit * (200_000 // len(unit))), best(unit * (800_000 // len(unit)))
         assert large < 10 * small + 0.05, (unit, small, large)  # 4x input: ~4x time, far from 16x
+
+
+def _limit_texts():
+    """Runs right at Kimi's limits (25,000 / 25,001 / 50,000 / 50,001 characters) of whitespace and of
+    non-whitespace, in ASCII, one-byte and wide strings, mixed back to back, inside ordinary text, and
+    across the 400k-character window edge."""
+    r, w = 25_000, 400_000
+    texts = {}
+    for n in (r, r + 1, 2 * r, 2 * r + 1):
+        texts[f"{n} spaces"] = " " * n
+        texts[f"{n} letters"] = "a" * n
+        texts[f"{n} tabs in text"] = "x" + "\t" * n + "y"
+        texts[f"{n} letters in text"] = "one two " + "q" * n + " three"
+    texts["mixed ascii"] = " " * (r + 1) + "b" * (r + 1) + "\x1c\x0b" * (r // 2) + "\n" + "z" * r + "\r\n" * 7
+    texts["mixed one-byte"] = "\xa0" * (r + 1) + "é" * (2 * r + 1) + "\x85" * r + "x"
+    texts["mixed wide"] = "\u3000" * (2 * r + 1) + "世" * (r + 1) + "😀" * r + " " + "é" * (r + 2)
+    texts["ordinary then run"] = "to be or not " * 5_000 + "z" * (r + 1) + " and so on\n" * 4_000
+    texts["alternating runs over a window edge"] = ("k" * (r + 1) + "\n" * (r + 1)) * 9
+    texts["run across the window edge"] = "w " * ((w - r // 2) // 2) + " " * (r + 10) + "v" * (2 * r + 3)
+    texts["one letter over two windows"] = "a" * (w + r + 1)
+    return texts
+
+
+def test_split_at_kimi_limits_matches_reference():
+    for name, text in _limit_texts().items():
+        assert split_long_input(text) == _kimi_split_reference(text, 25_000, 400_000), name
+
+
+def test_buffered_encode_equals_plain_twin(tok):
+    """`_encode_pieces` (tiktoken buffers gathered in one C array) == `_encode_pieces_plain` (tiktoken lists
+    concatenated) on long adversarial inputs, with and without special tokens allowed, and `encode`
+    returns the same ids whichever of the two it picks."""
+    r = 25_000
+    texts = _limit_texts()
+    texts["sparse specials"] = ("<|im_end|>" + "a" * (r + 3) + " [EOS] " + " " * (r + 1) + "<think>") * 3
+    texts["dense specials"] = "abc " * 10 + "<|im_end|>[EOS]" * 4_000
+    for name, text in texts.items():
+        pieces = _kimi_split_reference(text, r, 400_000)
+        for allow in (False, True, {"[EOS]"}):
+            allowed = frozenset() if allow is False else tok._all_specials if allow is True else frozenset(allow)
+            plain = tok._encode_pieces_plain(pieces, allowed)
+            assert tok._encode_pieces(pieces, allowed) == plain, (name, allow)
+            assert tok.encode(text, allow_special=allow) == plain, (name, allow)
+        assert tok.decode(plain) == text, name
+    assert tok._special_scan_is_cheap(texts["sparse specials"])
+    assert not tok._special_scan_is_cheap(texts["dense specials"])
+
+
+def test_buffered_encode_handles_lone_surrogates(tok):
+    """tiktoken's buffer output refuses lone surrogates; its list methods replace them per piece. The fast
+    path falls back to the plain one, so ids stay those of Kimi's chunked tiktoken calls."""
+    text = "a" * 25_005 + "\ud800" + " " * 25_002 + "\udc00x"
+    pieces = split_long_input(text)
+    assert len(pieces) > 1
+    ids = tok.encode(text)
+    assert ids == [i for p in pieces for i in tok._enc.encode_ordinary(p)]
+    assert tok.decode(ids) == text.replace("\ud800", "\ufffd").replace("\udc00", "\ufffd")
 
 
 def test_encode_batch_matches_encode(tok):
