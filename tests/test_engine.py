@@ -230,6 +230,17 @@ def test_stop_token_ids_min_tokens_and_max_model_len():
     assert out.token_ids == ref[:6]
 
 
+def test_step_log_accounts_for_every_computed_token():
+    llm = engine("kimi_linear", max_num_batched_tokens=24)
+    ps = prompts(5, 10, 40, seed=3)
+    llm.generate(ps, SamplingParams(max_tokens=6, **GREEDY))
+    log = list(llm.step_log)
+    # every prompt token, and every output token but the last (it is sampled, never fed back)
+    assert sum(single + chunked for *_, single, chunked in log) == sum(map(len, ps)) + 5 * 5
+    assert all(0 < single + chunked <= 24 and wall >= 0 and cpu >= 0 for _, wall, cpu, single, chunked in log)
+    assert any(single and chunked for *_, single, chunked in log)  # decodes and prefill chunks shared steps
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_soak_every_block_and_slot_comes_back(family):
     soak(family, 150)

@@ -20,6 +20,8 @@ import itertools
 import queue
 import random
 import threading
+import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Iterator
@@ -164,6 +166,10 @@ class LLMEngine:
         self._wake = threading.Event()
         self._loop: threading.Thread | None = None
         self._stopping = False
+        # the latest forwards: (start, seconds of forward + sampling, CPU seconds of this thread in them (all of its
+        # torch threads' work with one intra-op thread), single-token rows, prefill-chunk tokens); benchmarks set it
+        # beside the latency clients see
+        self.step_log: deque[tuple[float, float, float, int, int]] = deque(maxlen=16384)
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
@@ -248,8 +254,12 @@ class LLMEngine:
                         changed[req.request_id] = req
             scheduled = self.scheduler.schedule()
             if scheduled:
+                t0, cpu0 = time.perf_counter(), time.thread_time()
                 seqs, logits = self.runner.run(scheduled)
                 tokens, entries = self.runner.sample(seqs, logits, self.stop_ids)
+                chunks = [n for _, n in scheduled if n > 1]
+                self.step_log.append((t0, time.perf_counter() - t0, time.thread_time() - cpu0,
+                                      len(scheduled) - len(chunks), sum(chunks)))
                 for seq, entry in zip(seqs, entries):
                     if entry is not None:
                         seq.logprobs.append(entry)
