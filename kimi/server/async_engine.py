@@ -1,10 +1,12 @@
 """AsyncEngine: the bridge between the asyncio HTTP server and the engine's background step thread.
 
 The engine thread publishes each request's RequestOutput to a subscriber after every step that changes it; here
-the subscriber hands it to the request's asyncio queue with `call_soon_threadsafe`, so no executor thread waits per
-request (32 streams cost 32 queues, not 32 threads). A request in flight is a `Submission`: async-iterate it for
-(choice offset, RequestOutput) pairs; `abort()` (called when the client goes away) aborts whatever has not finished,
-and the engine frees its cache blocks and state slot at its next step.
+the subscriber posts it to a mailbox that hands it to the request's asyncio queue on the server's loop, so no
+executor thread waits per request (32 streams cost 32 queues, not 32 threads), and the outputs one step publishes
+for many streams travel in one `call_soon_threadsafe`: the loop wakes once per step, not once per stream.
+A request in flight is a `Submission`: async-iterate it for (choice offset, RequestOutput) pairs; `abort()` (called
+when the client goes away) aborts whatever has not finished, and the engine frees its cache blocks and state slot at
+its next step.
 
 Admission is bounded: at most `max_num_seqs + max_waiting` sequences may be in flight; beyond that `Overloaded` is
 raised and the server answers 503, so a burst queues in the client, not without bound in the server.
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
+import weakref
 
 from kimi.engine.engine import LLMEngine, RequestOutput
 from kimi.engine.sampling_params import SamplingParams
@@ -23,17 +27,42 @@ class Overloaded(Exception):
     pass
 
 
+class _Mailbox:
+    """Carries items from the engine thread onto one event loop. Whatever is posted before the loop gets round to
+    delivering goes in the same delivery (every wake of the loop costs a pipe write and a GIL hand-over)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = weakref.ref(loop)  # weak: AsyncEngine keeps mailboxes in a dict keyed weakly by their loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue, object]] = []
+
+    def post(self, queue: asyncio.Queue, item) -> None:
+        with self._lock:
+            self._items.append((queue, item))
+            if len(self._items) > 1:
+                return  # a delivery is already scheduled and will take this item too
+        loop = self._loop()
+        try:
+            if loop is not None:
+                loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop closed under a shutting-down server; nobody is listening any more
+            pass
+
+    def _deliver(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+        for queue, item in items:
+            queue.put_nowait(item)
+
+
 class _Subscriber:
     """Quacks like queue.Queue.put for the engine thread; delivers into an asyncio queue on the server's loop."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, offset: int):
-        self.loop, self.queue, self.offset = loop, queue, offset
+    def __init__(self, mailbox: _Mailbox, queue: asyncio.Queue, offset: int):
+        self.mailbox, self.queue, self.offset = mailbox, queue, offset
 
     def put(self, item) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.offset, item))
-        except RuntimeError:  # the loop closed under a shutting-down server; nobody is listening any more
-            pass
+        self.mailbox.post(self.queue, (self.offset, item))
 
 
 class Submission:
@@ -81,6 +110,7 @@ class AsyncEngine:
         self.max_in_flight = engine.scheduler.max_num_seqs + max_waiting
         self.in_flight = 0  # sequences admitted and not yet finished
         self._ids = itertools.count()
+        self._mailboxes: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # event loop -> its mailbox
         engine.start()
 
     @property
@@ -99,12 +129,15 @@ class AsyncEngine:
             raise Overloaded(f"the server is at capacity ({self.in_flight} sequences in flight, at most "
                              f"{self.max_in_flight}); retry later")
         loop = asyncio.get_running_loop()
+        mailbox = self._mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = self._mailboxes[loop] = _Mailbox(loop)
         queue: asyncio.Queue = asyncio.Queue()
         ids, offset = [], 0
         try:
             for i, p in enumerate(params):
                 rid = f"{request_id}-{i}" if len(params) > 1 else request_id
-                self.engine.add_request(prompt_ids, p, request_id=rid, subscriber=_Subscriber(loop, queue, offset))
+                self.engine.add_request(prompt_ids, p, request_id=rid, subscriber=_Subscriber(mailbox, queue, offset))
                 ids.append(rid)
                 offset += p.n
         except ValueError:
