@@ -362,7 +362,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="sequences that may wait beyond --max-num-seqs before requests get 503")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body accepted (413 beyond)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine computes at once")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per engine step")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens per engine step; it bounds the prefill a step carries beside the decodes, so smaller "
+                        "keeps inter-token latency steadier under load and delays first tokens (bench/serve.py)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for the engine on CPU (default: torch's, one per core; on a busy "
+                        "small machine leave a core to the HTTP side)")
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--cache-memory", type=float, default=None, help="GiB for the paged latent cache")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype")
@@ -398,6 +403,12 @@ def serve_main(args) -> None:
     model_dir = Path(args.model)
     if not (model_dir / "config.json").is_file():
         raise ValueError(f"--model {args.model}: expected a model directory with config.json")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads {args.threads}: expected a positive number of threads")
+        import torch
+
+        torch.set_num_threads(args.threads)
     state = ServerState(args.served_model_name or model_dir.resolve().name,
                         api_key=args.api_key or os.environ.get("KIMI_API_KEY") or None, max_waiting=args.max_waiting,
                         defaults=_generation_defaults(model_dir))
