@@ -174,7 +174,8 @@ def run_soak(pool, state, url, args, vocab) -> dict:
     stats = state.engine.stats()
     rss.append(rss_mib())
     return {**counts, "clients": clients, "seconds": time.time() - t0, "rss_mib": rss,
-            "blocks_used_after": stats["blocks_used"], "state_slots_used_after": stats["state_slots_used"],
+            "blocks_used_after": stats["blocks_used"], "blocks_cached_after": stats["blocks_cached"],
+            "snapshots_after": stats["snapshots_used"], "state_slots_used_after": stats["state_slots_used"],
             "in_flight_after": state.engine.in_flight, "running_after": stats["running"],
             "waiting_after": stats["waiting"]}
 
@@ -194,6 +195,9 @@ def main():
                          "the top concurrency x (input + output) / output, the pace at which prefill keeps up)")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch intra-op threads for the engine (default on CPU: cpus - 1, at least 1)")
+    ap.add_argument("--prefix-caching", action="store_true",
+                    help="turn the prefix cache on, as `kimi serve` has it (random prompts never hit it, but the soak "
+                         "then also cycles cached blocks and KDA snapshots through eviction)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
     args = ap.parse_args()
 
@@ -223,7 +227,7 @@ def main():
         # prefill token costs a sizeable fraction of a decode row, the spread decides the ITL tail.
         args.max_num_batched_tokens = -(-top * (args.input_len + args.output_len) // args.output_len)
     llm = LLM(args.model, dtype=dtype, device=device, max_num_seqs=max(top, 8), max_model_len=max_len,
-              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=False)
+              max_num_batched_tokens=args.max_num_batched_tokens, enable_prefix_caching=args.prefix_caching)
     vocab = llm.tokenizer.n_base  # ordinary tokens only: random specials would read as chat control
     rng = random.Random(0)
 
@@ -294,7 +298,8 @@ def main():
         machine += f" ({torch.cuda.get_device_name()})"
     offline_mean = sum(offline_tok_s) / len(offline_tok_s)
     print(f"kimi serve vs engine offline — {machine}; {args.input_len} in / {args.output_len} out, ignore_eos")
-    print(f"engine: {args.max_num_batched_tokens}-token step budget, max_num_seqs {max(top, 8)}, "
+    print(f"engine: {args.max_num_batched_tokens}-token step budget, max_num_seqs {max(top, 8)}, prefix cache "
+          f"{'on' if args.prefix_caching else 'off'}, "
           f"{torch.get_num_threads()} torch threads; the load generator runs in a second process on this machine")
     print(f"offline engine, {len(prompts)} prompts at once: {offline_mean:.1f} output tok/s "
           f"(before the levels {offline_tok_s[0]:.1f}, after {offline_tok_s[1]:.1f}), CPU use "
@@ -333,11 +338,13 @@ def main():
         r, rss = soak_result, soak_result["rss_mib"]
         print(f"soak {r['seconds']:.0f} s, {r['clients']} clients: {r['done']} requests finished, {r['hung_up']} hung "
               f"up mid-stream, {r['errors']} errors; afterwards {r['blocks_used_after']} cache blocks, "
-              f"{r['state_slots_used_after']} state slots and {r['in_flight_after']} sequences in use; resident "
+              f"{r['state_slots_used_after']} state slots and {r['in_flight_after']} sequences in use "
+              f"({r['blocks_cached_after']} free blocks keep a prefix hash, {r['snapshots_after']} KDA snapshots); resident "
               f"memory {rss[0]:.0f} MiB before, {rss[len(rss) // 4]:.0f} a quarter in, {rss[-1]:.0f} after "
               f"(max {max(rss):.0f})")
     result = {"bench": "serve", "machine": machine, "input_len": args.input_len, "output_len": args.output_len,
-              "budget": args.max_num_batched_tokens, "torch_threads": torch.get_num_threads(), "correct": correct,
+              "budget": args.max_num_batched_tokens, "torch_threads": torch.get_num_threads(),
+              "prefix_caching": args.prefix_caching, "correct": correct,
               "offline_output_tok_s": offline_mean, "offline_runs_tok_s": offline_tok_s, "offline_cpu": offline_cpu,
               "offline_cpu_s": offline_cpu_s, "offline_engine_steps": offline_steps,
               "levels": levels,
