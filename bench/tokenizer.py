@@ -79,7 +79,8 @@ def bench_encode(tok_dir: Path, repeat: int) -> dict:
         "1MB whitespace": "".join(rng.choice(" \t\n") for _ in range(1_000_000)),
         "1MB no spaces": "".join(rng.choice("abcdefghijklmnopqrstuvwxyz.,;!?-_0123456789") for _ in range(1_000_000)),
         "1MB one letter": "a" * 1_000_000,
-        "1MB specials": "".join(rng.choice(["<|im_end|>", "[EOS]", "<think>", "x"]) for _ in range(174_000))[:1_000_000],
+        "1MB specials": "".join(rng.choice(["<|im_end|>", "[EOS]", "<think>", "x"])
+                                for _ in range(174_000))[:1_000_000],
     }
     rows, ok = [], True
     for name, text in inputs.items():
