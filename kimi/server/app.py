@@ -114,6 +114,27 @@ class _BodyLimit:
             await error_response(e.status, e.message)(scope, receive, send)
 
 
+class _Auth:
+    """ASGI middleware: with an API key set, 401 for any request but /health and / (the chat page: static, no secrets,
+    and a browser cannot send a bearer header when it navigates; the page sends the key on its API calls) without
+    'Authorization: Bearer <key>' (constant-time comparison). Plain ASGI rather than @app.middleware("http"), which
+    would pipe every streamed chunk through an extra task and memory stream."""
+
+    def __init__(self, app, state: "ServerState"):
+        self.app, self.state = app, state
+
+    async def __call__(self, scope, receive, send):
+        key = self.state.api_key
+        if scope["type"] == "http" and key and scope["path"] not in ("/health", "/"):
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            scheme, _, token = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+                response = error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                          headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
@@ -131,17 +152,7 @@ def build_app(state: ServerState, cors_origins: list[str] | None = None, max_bod
     app = FastAPI(title="kimi", version="0.1.0", description="OpenAI-compatible API for Kimi models")
     app.state.kimi = state
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        key = state.api_key
-        if key and request.url.path not in ("/health", "/"):
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-                return error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                                      headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
-
+    app.add_middleware(_Auth, state=state)
     if cors_origins:
         from fastapi.middleware.cors import CORSMiddleware
 
