@@ -347,8 +347,6 @@ class Tokenizer:
         tiktoken's own time on 1 MB of whitespace. Same regex pieces either way: tiktoken's `encode` with no
         allowed specials splits exactly as `encode_ordinary` does.
         """
-        if not hasattr(self._enc, "encode_to_numpy"):  # tiktoken < 0.9
-            return self._encode_pieces_plain(pieces, allowed)
         ids = array.array(_UINT32)
         try:
             for piece in pieces:
