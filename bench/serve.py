@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import concurrent.futures
 import json
 import os
@@ -240,6 +241,7 @@ def main():
     prompts = level_prompts[top]
     params = SamplingParams(temperature=1.0, max_tokens=args.output_len, ignore_eos=True)
     # The engine's background loop drives the offline run too, as it drives the server.
+    llm.step_log = collections.deque()  # every forward's timing, until the soak (which must hold nothing per step)
     llm.start()
     llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up: same batch shapes
 
@@ -289,6 +291,7 @@ def main():
             levels.append(r)
         offline()
         if args.soak_seconds > 0:
+            llm.step_log = None
             soak_result = run_soak(pool, state, url, args, vocab)
     server.should_exit = True
     state.engine.shutdown()

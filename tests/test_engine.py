@@ -4,6 +4,7 @@ smaller than a block and not a multiple of it; preemption; aborts; n > 1; seeded
 and a soak that checks every block and state slot comes back. fp32 throughout, so greedy ties cannot flip.
 """
 
+import collections
 import functools
 import random
 
@@ -233,6 +234,9 @@ def test_stop_token_ids_min_tokens_and_max_model_len():
 def test_step_log_accounts_for_every_computed_token():
     llm = engine("kimi_linear", max_num_batched_tokens=24)
     ps = prompts(5, 10, 40, seed=3)
+    llm.generate(prompts(1, 5, 5, seed=4), SamplingParams(max_tokens=2, **GREEDY))
+    assert llm.step_log is None  # off unless asked for
+    llm.step_log = collections.deque()
     llm.generate(ps, SamplingParams(max_tokens=6, **GREEDY))
     log = list(llm.step_log)
     # every prompt token, and every output token but the last (it is sampled, never fed back)

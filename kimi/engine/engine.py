@@ -166,10 +166,11 @@ class LLMEngine:
         self._wake = threading.Event()
         self._loop: threading.Thread | None = None
         self._stopping = False
-        # the latest forwards: (start, seconds of forward + sampling, CPU seconds of this thread in them (all of its
-        # torch threads' work with one intra-op thread), single-token rows, prefill-chunk tokens); benchmarks set it
-        # beside the latency clients see
-        self.step_log: deque[tuple[float, float, float, int, int]] = deque(maxlen=16384)
+        # None, or a deque the engine appends one entry per forward to: (start, seconds of forward + sampling, CPU
+        # seconds of this thread in them (all of its torch work with one intra-op thread), single-token rows,
+        # prefill-chunk tokens). Benchmarks set one to compare the engine's step times with the latency clients see;
+        # it is off by default so a long-running server holds nothing per step.
+        self.step_log: deque[tuple[float, float, float, int, int]] | None = None
 
     # ---- requests ------------------------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None, *,
@@ -257,9 +258,10 @@ class LLMEngine:
                 t0, cpu0 = time.perf_counter(), time.thread_time()
                 seqs, logits = self.runner.run(scheduled)
                 tokens, entries = self.runner.sample(seqs, logits, self.stop_ids)
-                chunks = [n for _, n in scheduled if n > 1]
-                self.step_log.append((t0, time.perf_counter() - t0, time.thread_time() - cpu0,
-                                      len(scheduled) - len(chunks), sum(chunks)))
+                if self.step_log is not None:
+                    chunks = [n for _, n in scheduled if n > 1]
+                    self.step_log.append((t0, time.perf_counter() - t0, time.thread_time() - cpu0,
+                                          len(scheduled) - len(chunks), sum(chunks)))
                 for seq, entry in zip(seqs, entries):
                     if entry is not None:
                         seq.logprobs.append(entry)
