@@ -373,9 +373,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="sequences that may wait beyond --max-num-seqs before requests get 503")
     p.add_argument("--max-body-bytes", type=int, default=8 << 20, help="largest request body accepted (413 beyond)")
     p.add_argument("--max-num-seqs", type=int, default=64, help="sequences the engine computes at once")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+    p.add_argument("--max-num-batched-tokens", type=int, default=None,
                    help="tokens per engine step; it bounds the prefill a step carries beside the decodes, so smaller "
-                        "keeps inter-token latency steadier under load and delays first tokens (bench/serve.py)")
+                        "keeps inter-token latency steadier under load and delays first tokens (default: 256 on "
+                        "CPU, where a step's cost grows with its tokens, 2048 on GPU; see bench/serve.py)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch intra-op threads for the engine on CPU (default: torch's, one per core; on a busy "
                         "small machine leave a core to the HTTP side)")
@@ -395,8 +396,9 @@ def load_engine(args):
     from kimi.engine.engine import LLMEngine
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    budget = args.max_num_batched_tokens or (256 if str(device).startswith("cpu") else 2048)
     return LLMEngine(args.model, dtype=args.dtype, device=device, quantized=args.quantized,
-                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+                     max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget, max_model_len=args.max_model_len,
                      cache_memory=int(args.cache_memory * (1 << 30)) if args.cache_memory else None,
                      enable_prefix_caching=not args.no_prefix_caching)
 
