@@ -22,10 +22,24 @@ CORPUS_LINES = ["First Citizen: Before we proceed any further, hear me speak.",
                 "12345678 4567 1 12 123 1234 I'LL we'll IT'S it's 世界世界 "]
 
 
+def _pseudo_words(n_chars: int) -> str:
+    """Seeded word-like text for when ../shared/data is not beside the checkout: enough distinct pairs that a
+    1024-entry vocabulary does not run out of merges."""
+    import random
+
+    rng = random.Random(0)
+    syllables = [c + v for c in "bcdfghklmnprstvwz" for v in "aeiou"]
+    words = ["".join(rng.choices(syllables, k=rng.randint(1, 4))) for _ in range(3000)]
+    text = []
+    while sum(map(len, text)) < n_chars:
+        text.append(" ".join(rng.choices(words, k=12)).capitalize() + ".\n")
+    return "".join(text)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    text = SHAKESPEARE.read_text()[:300_000] if SHAKESPEARE.exists() else ""
+    text = SHAKESPEARE.read_text()[:300_000] if SHAKESPEARE.exists() else _pseudo_words(300_000)
     path.write_text(text + "\n".join(CORPUS_LINES * 50))
     return path
 
