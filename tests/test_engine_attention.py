@@ -11,7 +11,7 @@ from kimi.engine.state_pool import StatePool
 from kimi.model.mla import MLA
 from kimi.model.model import build_model
 from kimi.ops.attention import context_rows, contiguous, paged_attention_reference, paged_decode
-from tests.test_model import k2_tiny, kl_tiny
+from tests.test_model import PackedStates, k2_tiny, kl_tiny
 
 BS = 4
 
@@ -92,19 +92,6 @@ def test_step_context_mixed_decode_and_chunks_equals_reference(family):
     assert (got - want).abs().max() < 1e-6  # the absorbed form takes its softmax in fp32
 
 
-class _States:
-    """The KDA half of the cache protocol over per-sequence rows (what StepContext gives a KDA layer)."""
-
-    def __init__(self, cu_seqlens, conv, state):
-        self.cu_seqlens, self.conv, self.state = cu_seqlens, conv, state
-
-    def kda_state(self, layer):
-        return self.conv, self.state
-
-    def set_kda_state(self, layer, conv, state):
-        self.conv, self.state = conv, state
-
-
 @pytest.mark.parametrize("lens", [[1, 7, 1, 1, 70, 1], [65, 1], [1, 1, 2, 1], [3, 64, 1, 0, 5]])
 def test_kda_layer_in_a_packed_step_equals_each_sequence_alone(lens):
     """Decodes (one token each) packed among prefill chunks run apart inside the layer (recurrent form for the
@@ -121,13 +108,13 @@ def test_kda_layer_in_a_packed_step_equals_each_sequence_alone(lens):
     conv0 = torch.randn(N, 3 * P, kda.conv_size - 1, dtype=torch.float64, generator=g)
     state0 = torch.randn(N, kda.num_heads, K, K, dtype=torch.float64, generator=g) * 0.1
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
-    packed = _States(cu, conv0.clone(), state0.clone())
+    packed = PackedStates(cu, conv0.clone(), state0.clone())
     out = kda(torch.cat(xs, 1), cache=packed)
     for i, x in enumerate(xs):
         if lens[i] == 0:
             assert torch.equal(packed.conv[i], conv0[i])  # an empty sequence keeps its window
             continue
-        alone = _States(None, conv0[i:i + 1].clone(), state0[i:i + 1].clone())
+        alone = PackedStates(None, conv0[i:i + 1].clone(), state0[i:i + 1].clone())
         want = kda(x, cache=alone)
         # fp64; the chunked op itself agrees packed vs alone to ~1e-7 on these random weights (its UT solve)
         assert (out[:, cu[i]:cu[i + 1]] - want).abs().max() < 1e-6
