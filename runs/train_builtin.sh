@@ -10,8 +10,9 @@
 #
 # Data, tokenizer and shards are byte-identical for the same toolverse version; training is seeded.
 # Cost: 3,800 steps x 4,096 tokens = 15.6M tokens (the 11.4M-token shard set, 1.4 epochs) on one core of the shared
-# 2-core dev box at 1,000-3,200 tokens/s: stage 1 ~55 min, stage 2 ~30 min, stage 3 ~20 min (about 75 min on an
-# idle core), plus ~1 minute of data and tokenizer. Over the "about an hour" the issue allows.
+# 2-core dev box at 1,000-3,200 tokens/s: stage 1 72 min (heavily loaded box), stage 2 30 min, stage 3 23 min;
+# about 90 min at the ~2,900 tokens/s of a free core, plus ~1 minute of data and tokenizer. Over the "about an
+# hour" the issue allows.
 # Result of this exact run (2026-11-22; toolverse, 100 episodes per split, greedy, closed loop unless noted):
 #   validation loss (assistant tokens) 0.474 after stage 1, 0.170 after stage 2, 0.151 after stage 3;
 #   iid: episode success 6% after stage 1 (nothing copied from the context), 24% after stage 2, 25% after stage 3;
