@@ -124,6 +124,13 @@ def test_schema_check_and_evolution():
     assert "must be number" in check_arguments({**shown, b.shown("value"): "3"}, params)
     spec, b = declare("convert_units", rng, held_out=True)
     assert b.name == NAMES["convert_units"][-1] and set(b.params) == {PARAMS[p][-1] for p in b.params.values()}
+    for tool in NAMES:  # a declared name fixes the whole schema: its version's spelling of every parameter
+        for _ in range(6):
+            spec, b = declare(tool, rng)
+            version = NAMES[tool].index(b.name)
+            assert version < len(NAMES[tool]) - 1
+            assert all(PARAMS[canonical][version] == shown for shown, canonical in b.params.items())
+            assert len(b.params) == len(set(b.params.values()))
     names = [n for variants in NAMES.values() for n in variants]
     assert len(names) == len(set(names)), "two tools share a name variant"
 
@@ -154,3 +161,16 @@ def test_throughput_and_jsonl(tmp_path):
     assert rate >= 250, f"{rate:.0f} episodes/s"
     rows = [json.loads(line) for line in io.open(tmp_path / "train.jsonl", encoding="utf-8")]
     assert all(set(r) == {"messages", "tools", "meta"} for r in rows)
+
+
+def test_toolverse_1_is_replayable_and_untied():
+    """The built-in model's first stages trained on toolverse-1 (parameter spellings drawn one by one): that
+    version still generates, verifies, and differs from toolverse-2 where a tool name fixes every spelling."""
+    old = list(generate("train", 60, version="toolverse-1"))
+    untied = [(t["function"]["name"], shown) for ep in old for t in ep.tools
+              for shown, canonical in ep.bindings[t["function"]["name"]].params.items()
+              if PARAMS[canonical][NAMES[ep.bindings[t["function"]["name"]].tool].index(t["function"]["name"])] != shown]
+    assert untied, "toolverse-1 should draw spellings apart from the tool name"
+    assert [ep.row() for ep in old[:5]] != [ep.row() for ep in generate("train", 5)]
+    with pytest.raises(ValueError, match="toolverse version"):
+        next(generate("train", 1, version="toolverse-9"))

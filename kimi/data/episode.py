@@ -38,6 +38,7 @@ class Episode:
     messages: list = field(default_factory=list)
     turns: list = field(default_factory=list)
     final_state: dict | None = None
+    version: str = "toolverse-2"  # the generator version that drew it (data/synth.py VERSIONS)
 
     def world(self) -> World:
         return World(self.seed, self.big)

@@ -2,9 +2,12 @@
 to read the declaration instead of memorising names (../shared/reference/synthetic.md §A5, the cheap analogue of
 K2's evolved synthetic tools).
 
-Each tool has name variants, each parameter name variants, each tool description paraphrases. Training draws from
-every variant but the last; the `renamed` evaluation split uses only the last ones (held out). A `Binding` maps
-what the model sees back to the canonical tool, which is what runs.
+Each tool has versions: a name with its own parameter spellings (version i = NAMES[tool][i] with PARAMS[p][i]),
+and description paraphrases drawn apart from the version. Training draws every version but the last; the `renamed`
+evaluation split uses only the last ones (held out). Versions rather than independent per-parameter draws
+(toolverse-1): a 2M-parameter model learned to pick tool names from the declaration but chose between parameter
+spellings by prior (schema-valid < 50%), so a declared name now fixes its schema. A `Binding` maps what the model
+sees back to the canonical tool, which is what runs.
 """
 
 from __future__ import annotations
@@ -28,13 +31,15 @@ NAMES = {
     "word_count": ("word_count", "count_words", "words_in", "tally_words"),
     "get_weather": ("get_weather", "weather", "forecast", "weather_lookup"),
 }
-PARAMS = {
-    "expression": ("expression", "expr", "formula"), "value": ("value", "amount", "quantity"),
-    "from_unit": ("from_unit", "source_unit", "unit_in"), "to_unit": ("to_unit", "target_unit", "unit_out"),
-    "date": ("date", "day", "on_date"), "days": ("days", "n_days", "offset"),
-    "start": ("start", "from_date", "begin"), "end": ("end", "to_date", "finish"),
-    "table": ("table", "collection", "tbl"), "key": ("key", "id", "record"), "field": ("field", "column", "attr"),
-    "text": ("text", "input", "string"), "letter": ("letter", "char", "symbol"), "city": ("city", "place", "town"),
+PARAMS = {  # spelling i goes with NAMES[tool][i]: a tool version declares a whole schema (API versions do)
+    "expression": ("expression", "expr", "math", "formula"), "value": ("value", "amount", "number", "quantity"),
+    "from_unit": ("from_unit", "source_unit", "unit_from", "unit_in"),
+    "to_unit": ("to_unit", "target_unit", "unit_to", "unit_out"), "date": ("date", "day", "when", "on_date"),
+    "days": ("days", "n_days", "num_days", "offset"), "start": ("start", "from_date", "first", "begin"),
+    "end": ("end", "to_date", "last", "finish"), "table": ("table", "collection", "source", "tbl"),
+    "key": ("key", "id", "name", "record"), "field": ("field", "column", "prop", "attr"),
+    "text": ("text", "input", "words", "string"), "letter": ("letter", "char", "target", "symbol"),
+    "city": ("city", "place", "location", "town"),
 }
 DESCRIPTIONS = {
     "calculator": ("Evaluate an arithmetic expression", "Do exact arithmetic", "Compute a math expression",
@@ -70,16 +75,31 @@ class Binding:
         return next(k for k, v in self.params.items() if v == canonical_param)
 
 
-def _choose(rng, options, held_out: bool):
-    return options[-1] if held_out else rng.choice(options[:-1])
+def _version(rng, tool: str, held_out: bool) -> int:
+    n = len(NAMES[tool])
+    return n - 1 if held_out else rng.randrange(n - 1)
 
 
-def declare(tool: str, rng, held_out: bool = False) -> tuple[dict, Binding]:
-    """One OpenAI tool declaration of canonical `tool` with drawn variants, and its binding."""
-    name = _choose(rng, NAMES[tool], held_out)
+def _untied(rng, canonical: str, held_out: bool) -> str:
+    """toolverse-1's spelling: drawn for each parameter on its own from the first two (held out: the last)."""
+    return PARAMS[canonical][-1] if held_out else rng.choice(PARAMS[canonical][:2])
+
+
+def spelling_ok(tool: str, name: str, canonical: str, shown: str, held_out: bool, tied: bool = True) -> bool:
+    """Whether `shown` is a valid spelling of parameter `canonical` in declared tool `name` (a variant of `tool`)."""
+    if tied:
+        return PARAMS[canonical][NAMES[tool].index(name)] == shown
+    return shown == PARAMS[canonical][-1] if held_out else shown in PARAMS[canonical][:2]
+
+
+def declare(tool: str, rng, held_out: bool = False, tied: bool = True) -> tuple[dict, Binding]:
+    """One OpenAI tool declaration of canonical `tool` with drawn variants, and its binding. tied=False draws
+    parameter spellings as toolverse-1 did (kept only so the built-in model's recipe can be replayed)."""
+    version = _version(rng, tool, held_out)
+    name = NAMES[tool][version]
     props, params = {}, {}
     for p in TOOLS[tool].params:
-        shown = _choose(rng, PARAMS[p.name], held_out)
+        shown = PARAMS[p.name][version] if tied else _untied(rng, p.name, held_out)
         params[shown] = p.name
         kind = p.type.split("|")
         prop = {"type": kind[0] if len(kind) == 1 else kind}
@@ -87,6 +107,6 @@ def declare(tool: str, rng, held_out: bool = False) -> tuple[dict, Binding]:
             prop["enum"] = list(p.enum)
         props[shown] = prop
     spec = {"type": "function", "function": {
-        "name": name, "description": _choose(rng, DESCRIPTIONS[tool], held_out),
+        "name": name, "description": DESCRIPTIONS[tool][-1] if held_out else rng.choice(DESCRIPTIONS[tool][:-1]),
         "parameters": {"type": "object", "properties": props, "required": list(props)}}}
     return spec, Binding(name, tool, params)

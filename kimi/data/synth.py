@@ -29,7 +29,10 @@ from kimi.data.tools import TOOLS, dump
 from kimi.data.user import PERSONAS
 from kimi.data.world import World, seed_of
 
-VERSION = "toolverse-1"
+# toolverse-2: a declared tool name fixes its parameter spellings (data/evolution.py); toolverse-1 drew each
+# parameter's spelling on its own and is kept only to replay the first stages of the built-in model's recipe.
+VERSIONS = ("toolverse-1", "toolverse-2")
+VERSION = VERSIONS[-1]
 TRAIN_MIX = {"no_call": 10, "single": 30, "parallel": 12, "chain": 20, "follow_up": 12, "error": 10, "clarify": 6}
 # split -> (family mix, world values are big, held-out names, chains, follow-up turns)
 SPLITS = {
@@ -60,7 +63,7 @@ def eval_side(ep: Episode) -> bool:
     return hashlib.sha256(prompt_key(ep).encode()).digest()[0] % EVAL_SHARE == 0
 
 
-def _draw(split: str, index: int, seed: int) -> Episode:
+def _draw(split: str, index: int, seed: int, version: str) -> Episode:
     mix, big, held_out, chains, follow_turns = SPLITS[split]
     rng = random.Random(seed)
     world = World(rng.getrandbits(64), big)
@@ -79,10 +82,10 @@ def _draw(split: str, index: int, seed: int) -> Episode:
     rng.shuffle(shown)
     tools, bindings = [], {}
     for t in shown:
-        spec, b = declare(t, rng, held_out)
+        spec, b = declare(t, rng, held_out, tied=version != "toolverse-1")
         tools.append(spec)
         bindings[b.name] = b
-    ep = Episode(split, index, world_seed, big, family, intent, tools, bindings)
+    ep = Episode(split, index, world_seed, big, family, intent, tools, bindings, version=version)
     b = Builder(ep, world, rng, tool_names=rng.random() < 0.5)
     b.system(rng.choice(PERSONAS) if rng.random() < 0.7 else None)
     run(b)
@@ -90,26 +93,28 @@ def _draw(split: str, index: int, seed: int) -> Episode:
     return ep
 
 
-def episode(split: str, index: int) -> Episode:
+def episode(split: str, index: int, version: str = VERSION) -> Episode:
     """Episode `index` of `split`, redrawn until its prompt lies on the split's side."""
+    if version not in VERSIONS:
+        raise ValueError(f"unknown toolverse version {version!r}; expected one of {', '.join(VERSIONS)}")
     if split not in SPLITS:
         raise ValueError(f"unknown toolverse split {split!r}; expected one of {', '.join(SPLITS)}")
     if not isinstance(index, int) or index < 0:
         raise ValueError(f"episode index must be an int >= 0, got {index!r}")
     want_eval = split != "train"
     for attempt in range(1000):
-        ep = _draw(split, index, seed_of(VERSION, split, index, attempt))
+        ep = _draw(split, index, seed_of(version, split, index, attempt), version)
         if eval_side(ep) == want_eval:
             return ep
     raise RuntimeError(f"no {split} episode {index} on its side after 1000 draws")
 
 
-def generate(split: str, n: int, start: int = 0, check: bool = True):
+def generate(split: str, n: int, start: int = 0, check: bool = True, version: str = VERSION):
     """Yield episodes start..start+n-1 of `split`, each verified (VerificationError on a generator bug)."""
     from kimi.data.verify import verify
 
     for i in range(start, start + n):
-        ep = episode(split, i)
+        ep = episode(split, i, version)
         if check:
             verify(ep)
         yield ep
@@ -149,6 +154,8 @@ def add_synth_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", type=int, default=0,
                    help="also write corpus.txt: this many training conversations as plain text, for BPE training")
     p.add_argument("--no-verify", action="store_true", help="skip the verifier (it is on by default)")
+    p.add_argument("--version", default=VERSION, choices=VERSIONS,
+                   help="generator version (an older one replays old data byte for byte)")
 
 
 def synth_main(args) -> None:
@@ -160,14 +167,16 @@ def synth_main(args) -> None:
     rows = []
     for split, n in jobs:
         t0 = time.perf_counter()
-        written = write_jsonl(out / f"{split}.jsonl", generate(split, n, check=not args.no_verify))
+        written = write_jsonl(out / f"{split}.jsonl", generate(split, n, check=not args.no_verify,
+                                                                version=args.version))
         dt = time.perf_counter() - t0
         rows.append({"split": split, "episodes": written, "seconds": round(dt, 2),
                      "episodes_per_s": round(written / dt) if dt else None})
         print(f"{split:>14}  {written:7d} episodes  {dt:6.1f} s  {written / max(dt, 1e-9):8.0f} ep/s", file=sys.stderr)
     if args.corpus:
-        write_corpus(out / "corpus.txt", generate("train", min(args.corpus, args.train), check=False))
-    print(json.dumps({"version": VERSION, "out": str(out), "verified": not args.no_verify, "splits": rows}))
+        write_corpus(out / "corpus.txt", generate("train", min(args.corpus, args.train), check=False,
+                                                  version=args.version))
+    print(json.dumps({"version": args.version, "out": str(out), "verified": not args.no_verify, "splits": rows}))
 
 
 if __name__ == "__main__":  # python -m kimi.data.synth: the same as `kimi data synth`

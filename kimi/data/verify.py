@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 
 from kimi.data.episode import Episode
-from kimi.data.evolution import NAMES, PARAMS
+from kimi.data.evolution import NAMES, spelling_ok
 from kimi.data.schema import check_arguments
 from kimi.data.tools import TOOLS, dump, execute
 from kimi.tokenizer.chat import render
@@ -49,9 +49,8 @@ def _check_declarations(ep: Episode) -> dict:
         if [b.params[p] for p in props] != [p.name for p in TOOLS[b.tool].params]:
             _fail(ep, f"{fn['name']}: parameters {list(props)} do not match {b.tool}")
         for shown, canonical in b.params.items():
-            variants = PARAMS[canonical]
-            if shown not in variants or (variants.index(shown) == len(variants) - 1) != held_out:
-                _fail(ep, f"{fn['name']}: parameter {shown!r} is not a valid variant of {canonical!r}")
+            if not spelling_ok(b.tool, fn["name"], canonical, shown, held_out, ep.version != "toolverse-1"):
+                _fail(ep, f"{fn['name']}: parameter {shown!r} is not a valid spelling of {canonical!r}")
         decls[fn["name"]] = fn
     if len(decls) != len(ep.tools):
         _fail(ep, "two declarations share a name")
