@@ -22,7 +22,9 @@
 # stage 5 batch 4,096 (77.5% iid success on 200 episodes) over batch 2,048 x twice the steps (72.5%); stage 6
 # decaying over the last half (79.5%) over the last fifth (72.5%); stage 7 lr 3e-3 (87.5%) over 1e-2 (80.5%);
 # stage 8 lr 2e-3 decayed linearly all the way (92.5%) over 3e-3 with a half-run decay (91.5%). A from-scratch run
-# on toolverse-2 alone is the obvious simplification; it has not been tried.
+# on toolverse-2 alone is the obvious simplification, but not enough for the hour: a probe sat on the same plateau
+# as toolverse-1's stage 1 (val loss 0.600 at step 800 vs 0.594; iid success 8%, no exact arguments) before
+# in-context copying appears.
 #
 # Cost: 8,300 steps x 4,096 tokens = 34M tokens on one core of the shared 2-core dev box at ~3,000 tokens/s
 # (1,000-3,200 under load): stages 1-3 took 72 + 30 + 23 min, stages 4-8 16 + 24 + 24 + 25 + 20 min with a
