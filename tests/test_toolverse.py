@@ -10,7 +10,7 @@ import time
 import pytest
 
 from kimi.data import tools as T
-from kimi.data.evolution import NAMES, PARAMS, declare
+from kimi.data.evolution import NAMES, PARAMS, declare, spelling_ok
 from kimi.data.schema import check_arguments
 from kimi.data.synth import EVAL_SPLITS, SPLITS, episode, eval_side, generate, prompt_key
 from kimi.data.verify import VerificationError, verify
@@ -167,9 +167,8 @@ def test_toolverse_1_is_replayable_and_untied():
     """The built-in model's first stages trained on toolverse-1 (parameter spellings drawn one by one): that
     version still generates, verifies, and differs from toolverse-2 where a tool name fixes every spelling."""
     old = list(generate("train", 60, version="toolverse-1"))
-    untied = [(t["function"]["name"], shown) for ep in old for t in ep.tools
-              for shown, canonical in ep.bindings[t["function"]["name"]].params.items()
-              if PARAMS[canonical][NAMES[ep.bindings[t["function"]["name"]].tool].index(t["function"]["name"])] != shown]
+    untied = [(b.name, shown) for ep in old for b in ep.bindings.values() for shown, canonical in b.params.items()
+              if not spelling_ok(b.tool, b.name, canonical, shown, held_out=False, tied=True)]
     assert untied, "toolverse-1 should draw spellings apart from the tool name"
     assert [ep.row() for ep in old[:5]] != [ep.row() for ep in generate("train", 5)]
     with pytest.raises(ValueError, match="toolverse version"):

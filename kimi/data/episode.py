@@ -35,10 +35,10 @@ class Episode:
     intent: str
     tools: list  # OpenAI tool declarations, in the order shown
     bindings: dict  # shown tool name -> Binding
+    version: str  # the generator version that drew it (data/synth.py VERSIONS)
     messages: list = field(default_factory=list)
     turns: list = field(default_factory=list)
     final_state: dict | None = None
-    version: str = "toolverse-2"  # the generator version that drew it (data/synth.py VERSIONS)
 
     def world(self) -> World:
         return World(self.seed, self.big)

@@ -85,7 +85,7 @@ def _draw(split: str, index: int, seed: int, version: str) -> Episode:
         spec, b = declare(t, rng, held_out, tied=version != "toolverse-1")
         tools.append(spec)
         bindings[b.name] = b
-    ep = Episode(split, index, world_seed, big, family, intent, tools, bindings, version=version)
+    ep = Episode(split, index, world_seed, big, family, intent, tools, bindings, version)
     b = Builder(ep, world, rng, tool_names=rng.random() < 0.5)
     b.system(rng.choice(PERSONAS) if rng.random() < 0.7 else None)
     run(b)
