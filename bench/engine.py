@@ -41,6 +41,7 @@ from kimi.model.cost import kda_state_bytes_per_sequence, mla_cache_bytes_per_to
 from kimi.model.generate import generate
 from kimi.model.loader import save_model
 from kimi.model.model import build_model
+from kimi.ops.packed_linear import is_packed
 
 K2_BENCH = {  # ~206M parameters, ~90M active per token
     "model_type": "deepseek_v3", "vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048,
@@ -199,7 +200,10 @@ def main():
     save_model(model, tmp)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
     pc = param_count(cfg)
-    llm = LLM(model, max_num_seqs=n_conc, max_num_batched_tokens=2048, max_model_len=2048, block_size=16)
+    # the engine loads the checkpoint as a user's would (and so prepacks bf16 CPU weights, kimi/ops/packed_linear.py);
+    # `model` stays the plain reference
+    llm = LLM(tmp, dtype=dtype, max_num_seqs=n_conc, max_num_batched_tokens=2048, max_model_len=2048, block_size=16)
+    pack = res["packed_weights"] = is_packed(llm.model)
     prompt = [rng.randrange(3, cfg.vocab_size) for _ in range(64)]
     with torch.inference_mode():
         kimi_s, kimi_tokens = kimi_decode_rate(llm, prompt, decode_n)
@@ -249,7 +253,7 @@ def main():
     for name, c in (("hybrid", kl), ("all_mla", mla_only)):
         m = build_model(c, dtype=dtype, seed=1).eval()
         eng = LLM(m, max_num_seqs=1, max_num_batched_tokens=4096, max_model_len=max(contexts) + 64, block_size=64,
-                  num_blocks=(max(contexts) + 64) // 64 + 1, enable_prefix_caching=False)
+                  num_blocks=(max(contexts) + 64) // 64 + 1, enable_prefix_caching=False, pack_weights=pack)
         with torch.inference_mode():
             per = {n: fill_and_decode(eng, n, 5 if q else 8) for n in contexts}
         long[name] = {"s_per_token": per, "cache_bytes_per_token": mla_cache_bytes_per_token(c, elt),
@@ -280,7 +284,7 @@ def main():
         times, firsts = {}, {}
         for caching in (True, False):
             eng = LLM(m, max_num_seqs=2, max_num_batched_tokens=8192, max_model_len=ttft_len + 16, block_size=16,
-                      enable_prefix_caching=caching)
+                      enable_prefix_caching=caching, pack_weights=pack)
             with torch.inference_mode():
                 eng.generate([p[:cached_len]], greedy(1))  # an earlier request: the shared prefix
                 t, out = timed(lambda: eng.generate([p], greedy(1)))

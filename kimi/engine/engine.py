@@ -112,10 +112,15 @@ class LLMEngine:
                  device: str | torch.device | None = None, max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  max_model_len: int | None = None, block_size: int = 16, cache_memory: int | None = None,
                  enable_prefix_caching: bool = True, num_blocks: int | None = None, num_snapshots: int | None = None,
-                 seed: int = 0, quantized: str = "keep"):
+                 seed: int = 0, quantized: str = "keep", pack_weights: bool | None = None):
         """model: a model directory (its tokenizer is loaded when it has one) or a Transformer. dtype defaults to
         bfloat16; quantized ("keep" | "dequantize") says how FP8 / INT4 checkpoints run (kimi.load_model);
-        num_blocks / num_snapshots override the sizes derived from cache_memory (tests, benchmarks)."""
+        num_blocks / num_snapshots override the sizes derived from cache_memory (tests, benchmarks).
+        pack_weights: prepack bf16 CPU weights for oneDNN (kimi/ops/packed_linear.py; same results, ~1.4x faster
+        decode). None packs a model the engine loads itself when that applies; True also packs a Transformer
+        passed in, in place, making it inference-only."""
+        from kimi.ops import packed_linear
+
         if isinstance(model, Transformer):
             if dtype is not None or device is not None:
                 raise ValueError("dtype/device apply when loading a model directory; cast a Transformer yourself")
@@ -129,6 +134,10 @@ class LLMEngine:
                 from kimi.tokenizer.tokenizer import Tokenizer
 
                 tokenizer = Tokenizer.from_pretrained(model)
+            if pack_weights is None:
+                pack_weights = packed_linear.supported(self.model.device, self.model.dtype)
+        if pack_weights:
+            packed_linear.pack_for_cpu(self.model)
         cfg = self.config = self.model.config
         self.tokenizer = tokenizer
         if not isinstance(block_size, int) or block_size < 1:

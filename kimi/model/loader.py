@@ -541,6 +541,11 @@ def save_model(model: Transformer, path: str | Path, format: str | None = None, 
     template / remote-code files of `source` (default: the directory the model was loaded from) when it has them.
     progress(done, total) is called after each tensor.
     """
+    from kimi.ops.packed_linear import is_packed
+
+    if is_packed(model):
+        raise ValueError("this model's weights are packed for CPU inference (kimi.ops.packed_linear) and are not in "
+                         "its state dict: save it before handing it to the engine")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     cfg = model.config

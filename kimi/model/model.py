@@ -91,12 +91,12 @@ class Transformer(nn.Module):
         return self
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+    def dtype(self) -> torch.dtype:  # from the embedding: lm_head may be packed (kimi/ops/packed_linear.py)
+        return self.model.embed_tokens.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.embed_tokens.weight.device
 
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> "Transformer":
