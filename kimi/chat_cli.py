@@ -63,7 +63,7 @@ class LocalChat:
     def deltas(self, body: dict) -> Iterator[dict]:
         from kimi.engine.sampling_params import SamplingParams
         from kimi.tokenizer.chat import render_ids
-        from kimi.tokenizer.parser import StreamParser
+        from kimi.tokenizer.parser import StreamParser, tool_call_opening_ids
 
         tok = self.engine.tokenizer
         ids, _ = render_ids(body["messages"], tok, add_generation_prompt=True,
@@ -72,7 +72,8 @@ class LocalChat:
         if room < 1:
             yield {"error": f"the conversation has {len(ids)} tokens, the context window {self.engine.max_model_len}"}
             return
-        params = SamplingParams(temperature=body["temperature"], max_tokens=min(body["max_tokens"], room))
+        params = SamplingParams(temperature=body["temperature"], max_tokens=min(body["max_tokens"], room),
+                                banned_token_ids=tool_call_opening_ids(tok))  # no tools declared: text replies only
         parser = StreamParser(tok, starts_in_reasoning=ids[-1] == tok.special_tokens.get("<think>"))
         seen = 0
         for out in self.engine.stream(ids, params):

@@ -42,3 +42,36 @@ def test_builtin_model_calls_tools_closed_loop():
     assert m["cl_parse"] >= 0.98, m
     assert m["cl_json"] >= 0.98, m
     assert m["success"] >= 0.9, m
+
+
+def test_no_tools_declared_means_a_text_reply():
+    """Every training episode declares tools, so with none declared the model still opens a tool call (greedy, for
+    "hi": functions.unit_convert); the server (tool_choice "none", the default without tools) bans the tokens that
+    open one, and the reply is text."""
+    import torch
+
+    from kimi.engine.engine import LLMEngine
+    from kimi.engine.sampling_params import SamplingParams
+    from kimi.server.protocol import ChatCompletionRequest
+    from kimi.server.serving_chat import plan_chat
+    from kimi.tokenizer.parser import parse, tool_call_opening_ids
+
+    torch.set_num_threads(2)
+    eng = LLMEngine(builtin_model_dir(), dtype="float32", max_num_seqs=2)
+    tok = eng.tokenizer
+    req = ChatCompletionRequest(model="kimi", messages=[{"role": "user", "content": "hi"}],
+                                temperature=0, max_tokens=48)
+    plan = plan_chat(req, tok, eng.max_model_len, None, {})
+    assert set(plan.params[0].banned_token_ids) == set(tool_call_opening_ids(tok)) != set()
+    free = SamplingParams(temperature=0, max_tokens=48)
+
+    def reply(params):
+        out = list(eng.stream(plan.prompt_ids, params))[-1]
+        return out.token_ids, parse(out.token_ids, tok)
+
+    ids, _ = reply(free)
+    opening = set(tool_call_opening_ids(tok))
+    assert set(ids) & opening, "the unconstrained model no longer opens a call here: this test lost its point"
+    ids, parsed = reply(plan.params[0])
+    assert not set(ids) & opening and not parsed.tool_calls and parsed.content.strip()
+    eng.shutdown()

@@ -215,6 +215,23 @@ def test_bad_input_fails_only_that_request(family):
     assert_all_free(llm)
 
 
+def test_banned_token_ids_are_never_sampled():
+    fam = "k2"
+    p = prompts(1, 6, 10, seed=13)[0]
+    ref = reference(fam, tuple(p), 8)
+    banned = sorted(set(ref[:4]))
+    llm = engine(fam)
+    out = llm.generate([p], SamplingParams(max_tokens=8, banned_token_ids=banned, **GREEDY))[0]
+    assert not set(out.token_ids) & set(banned)
+    with torch.no_grad():
+        logits = model(fam)(torch.tensor([p]))[0, -1]
+    logits[banned] = float("-inf")
+    assert out.token_ids[0] == int(logits.argmax())  # the best token that is not banned
+    sampled = llm.generate([p] * 4, SamplingParams(max_tokens=16, temperature=1.5, seed=7, banned_token_ids=banned,
+                                                   ignore_eos=True))
+    assert all(not set(o.token_ids) & set(banned) for o in sampled)
+
+
 def test_stop_token_ids_min_tokens_and_max_model_len():
     fam = "k2"
     p = prompts(1, 10, 10, seed=12)[0]

@@ -90,7 +90,7 @@ def test_greedy_is_argmax_and_logprobs_are_log_softmax():
     ("temperature", -0.1), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -2), ("min_p", 1.5), ("n", 0),
     ("repetition_penalty", 0.0), ("presence_penalty", 3.0), ("frequency_penalty", -2.5), ("max_tokens", 0),
     ("min_tokens", -1), ("stop", [""]), ("stop", 5), ("stop_token_ids", [-1]), ("logprobs", 21), ("seed", 1.5),
-    ("ignore_eos", 1),
+    ("ignore_eos", 1), ("banned_token_ids", [-1]), ("banned_token_ids", 3),
 ])
 def test_sampling_params_reject_bad_values_naming_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field}"):

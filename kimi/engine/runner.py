@@ -114,14 +114,15 @@ class ModelRunner:
                 torch.tensor([p.repetition_penalty for p in params], device=dev),
                 torch.tensor([p.presence_penalty for p in params], device=dev),
                 torch.tensor([p.frequency_penalty for p in params], device=dev))
-        for row, s in enumerate(seqs):  # no stop token before min_tokens
-            if s.num_output_tokens < s.params.min_tokens:
-                banned = [*s.params.stop_token_ids, *(() if s.params.ignore_eos else stop_ids)]
-                banned = [t for t in banned if t < logits.shape[1]]
-                if banned:
-                    if logits is raw:
-                        logits = logits.clone()
-                    logits[row, banned] = float("-inf")
+        for row, s in enumerate(seqs):
+            banned = list(s.params.banned_token_ids)
+            if s.num_output_tokens < s.params.min_tokens:  # no stop token before min_tokens
+                banned += [*s.params.stop_token_ids, *(() if s.params.ignore_eos else stop_ids)]
+            banned = [t for t in banned if t < logits.shape[1]]
+            if banned:
+                if logits is raw:
+                    logits = logits.clone()
+                logits[row, banned] = float("-inf")
         for row, p in enumerate(params):  # structured output: tokens the request's grammar forbids are never drawn
             allowed = p.guide.allowed_tokens() if p.guide is not None else None
             if allowed is not None:

@@ -24,6 +24,8 @@ class SamplingParams:
     stop: str | list[str] | tuple[str, ...] | None = None  # stop strings, matched on text, excluded from it
     stop_token_ids: list[int] | tuple[int, ...] | None = None  # extra stop ids (kept in token_ids)
     ignore_eos: bool = False  # keep going past the model's eos / the tokenizer's stop ids
+    banned_token_ids: list[int] | tuple[int, ...] | None = None  # never sampled (e.g. tool-call openers under
+    # tool_choice "none"); ids outside the vocabulary are ignored
     logprobs: int | None = None  # None = none; k >= 0: the sampled token's logprob plus the k most likely
     skip_special_tokens: bool = True  # leave special tokens out of the text
     # Constrained decoding (structured output): an object with allowed_tokens() -> bool [vocab] | None (called before
@@ -81,6 +83,10 @@ class SamplingParams:
         if not isinstance(ids, (list, tuple)) or not all(is_int(i) and i >= 0 for i in ids):
             bad("stop_token_ids", self.stop_token_ids, "a list of non-negative ints")
         self.stop_token_ids = tuple(ids)
+        banned = () if self.banned_token_ids is None else self.banned_token_ids
+        if not isinstance(banned, (list, tuple)) or not all(is_int(i) and i >= 0 for i in banned):
+            bad("banned_token_ids", self.banned_token_ids, "a list of non-negative ints")
+        self.banned_token_ids = tuple(banned)
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", self.ignore_eos, "a bool")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):

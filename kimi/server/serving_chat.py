@@ -2,7 +2,8 @@
 
 `plan_chat` renders the conversation (kimi.tokenizer.chat, canonical `functions.{name}:{idx}` ids), sizes the
 completion against the context window, and chooses the constraint (structured.py): a JSON grammar for
-response_format, a tool-call-section grammar for tool_choice required / named. A guided request with n > 1 becomes
+response_format, a tool-call-section grammar for tool_choice required / named; under tool_choice none (the default
+without tools) the tokens that open a tool call are never sampled. A guided request with n > 1 becomes
 n engine requests, because a guide follows one sequence.
 
 `ChoiceState` turns one choice's growing token ids into OpenAI deltas with kimi.tokenizer.parser.StreamParser.
@@ -22,7 +23,7 @@ from kimi.server.protocol import ChatCompletionRequest
 from kimi.server.stream import StopFilter, chat_logprobs
 from kimi.server.structured import tool_parameters, validate_arguments
 from kimi.tokenizer.chat import render_ids
-from kimi.tokenizer.parser import StreamParser
+from kimi.tokenizer.parser import StreamParser, tool_call_opening_ids
 
 
 @dataclass
@@ -137,6 +138,8 @@ def plan_chat(req: ChatCompletionRequest, tokenizer, max_model_len: int, guides,
     if req.stream_options is not None and not req.stream:
         raise ValueError("stream_options is only allowed with stream: true")
     base = dict(fields, max_tokens=max_tokens, logprobs=logprobs)
+    if choice == "none":  # the reply is text: a tool-call section cannot even start
+        base["banned_token_ids"] = tool_call_opening_ids(tokenizer)
     if guide_for is None:
         params = [SamplingParams(n=req.n, **base)]
     else:
