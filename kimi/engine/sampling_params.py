@@ -79,14 +79,12 @@ class SamplingParams:
         if any(s == "" for s in stop):
             bad("stop", self.stop, "non-empty strings")
         self.stop = stop
-        ids = () if self.stop_token_ids is None else self.stop_token_ids
-        if not isinstance(ids, (list, tuple)) or not all(is_int(i) and i >= 0 for i in ids):
-            bad("stop_token_ids", self.stop_token_ids, "a list of non-negative ints")
-        self.stop_token_ids = tuple(ids)
-        banned = () if self.banned_token_ids is None else self.banned_token_ids
-        if not isinstance(banned, (list, tuple)) or not all(is_int(i) and i >= 0 for i in banned):
-            bad("banned_token_ids", self.banned_token_ids, "a list of non-negative ints")
-        self.banned_token_ids = tuple(banned)
+        for name in ("stop_token_ids", "banned_token_ids"):
+            ids = getattr(self, name)
+            ids = () if ids is None else ids
+            if not isinstance(ids, (list, tuple)) or not all(is_int(i) and i >= 0 for i in ids):
+                bad(name, getattr(self, name), "a list of non-negative ints")
+            setattr(self, name, tuple(ids))
         if not isinstance(self.ignore_eos, bool):
             bad("ignore_eos", self.ignore_eos, "a bool")
         if self.logprobs is not None and (not is_int(self.logprobs) or not 0 <= self.logprobs <= 20):
