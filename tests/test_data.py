@@ -193,3 +193,16 @@ def test_documents_context_layout():
     assert docs.positions.tolist() == [[0, 1, 0, 1, 2, 0, 1, 2, 3, 4]]
     assert docs.mask[0, 0, 2].tolist() == [False, False, True, False, False] and not docs.trivial
     assert Documents(torch.zeros(3, 4, dtype=torch.long)).trivial
+
+
+def test_all_tokens_trains_on_what_the_mask_leaves_out(tmp_path, tok_dir):
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in CHATS * 8))
+    prepare([str(tmp_path / "chat.jsonl")], str(tok_dir), str(tmp_path / "d"), val_fraction=0.0, progress=False)
+    split = Split(tmp_path / "d", "train")
+    masked, every = (next(Loader(split, 256, 4, seed=1, all_tokens=a)) for a in (False, True))
+    assert torch.equal(masked.input_ids, every.input_ids)
+    same_doc = every.doc_ids[:, 1:] == every.doc_ids[:, :-1]
+    assert torch.equal(every.targets[:, :-1] != IGNORE, same_doc)  # every next token inside a document
+    kept = masked.targets != IGNORE
+    assert 0 < kept.sum() < (every.targets != IGNORE).sum()
+    assert torch.equal(masked.targets[kept], every.targets[kept])

@@ -59,6 +59,17 @@ def trace(out):
     return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
+def test_resume_with_a_bf16_model_config(run_files, tmp_path):
+    """The checkpoint holds fp32 master weights (its config says float32); the run's own config may say bfloat16."""
+    (tmp_path / "config.json").write_text(json.dumps({**TINY, "torch_dtype": "bfloat16"}))
+    args = parse(run_files, tmp_path / "run", "--stop-after", "2", "--steps", "3")
+    args.model_config = str(tmp_path / "config.json")
+    train(args)
+    args.resume, args.stop_after = True, 0
+    assert train(args)["steps"] == 3
+    assert [r["step"] for r in trace(tmp_path / "run")] == [1, 2, 3]
+
+
 def test_resume_continues_bit_for_bit(run_files, tmp_path):
     extra = ("--micro-batch", "4", "--schedule", "wsd", "--save-every", "2")
     train(parse(run_files, tmp_path / "whole", *extra))

@@ -213,10 +213,11 @@ class Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.targets, self.doc_ids)))
 
 
-def make_batch(split: Split, window_starts, seq_len: int) -> Batch:
+def make_batch(split: Split, window_starts, seq_len: int, all_tokens: bool = False) -> Batch:
+    """all_tokens: every next token within a document is a target, whatever the loss mask says."""
     rows = [split.read(int(s), int(s) + seq_len + 1) for s in window_starts]
     tokens = np.stack([r[0] for r in rows])
-    mask = np.stack([r[1] for r in rows])
+    mask = np.stack([r[1] for r in rows]) | all_tokens
     docs = np.stack([r[2] for r in rows])
     targets = np.where(mask[:, 1:] & (docs[:, 1:] == docs[:, :-1]), tokens[:, 1:], IGNORE)
     return Batch(torch.from_numpy(tokens[:, :-1]), torch.from_numpy(targets), torch.from_numpy(docs[:, :-1]))
@@ -225,16 +226,19 @@ def make_batch(split: Split, window_starts, seq_len: int) -> Batch:
 class Loader:
     """Deterministic, resumable packed batches of one split (see the module docstring).
 
-    rows: rows per step on this rank; world, rank: data-parallel layout (global rows = rows * world).
+    rows: rows per step on this rank; world, rank: data-parallel layout (global rows = rows * world);
+    all_tokens: train on every token, not only the masked-in ones (make_batch).
     """
 
-    def __init__(self, split: Split, seq_len: int, rows: int, seed: int = 0, rank: int = 0, world: int = 1):
+    def __init__(self, split: Split, seq_len: int, rows: int, seed: int = 0, rank: int = 0, world: int = 1,
+                 all_tokens: bool = False):
         if seq_len < 1 or rows < 1:
             raise ValueError(f"seq_len and rows must be >= 1, got {seq_len}, {rows}")
         if split.num_tokens < seq_len + 1:
             raise ValueError(f"--seq-len {seq_len} needs at least {seq_len + 1} tokens per sequence, but the data has "
                              f"only {split.num_tokens}")
         self.split, self.seq_len, self.rows, self.seed, self.rank, self.world = split, seq_len, rows, seed, rank, world
+        self.all_tokens = all_tokens
         self.epoch, self.cursor = 0, 0
         self._order = None
 
@@ -261,7 +265,7 @@ class Loader:
             if self.cursor >= len(self._order):
                 self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
         mine = starts[self.rank * self.rows:(self.rank + 1) * self.rows]
-        return make_batch(self.split, mine, self.seq_len)
+        return make_batch(self.split, mine, self.seq_len, self.all_tokens)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "seq_len": self.seq_len,

@@ -116,7 +116,8 @@ def build(args, cfg, device, ckpt):
     source = ckpt if ckpt is not None else args.init_from
     if source is not None:
         model = load_model(source, dtype=torch.float32, device=device)
-        if model.config != cfg:
+        # training keeps fp32 master weights, so a checkpoint's config says float32 whatever --model-config says
+        if model.config.replace(torch_dtype=cfg.torch_dtype) != cfg:
             what = "the checkpoint in --out" if ckpt is not None else "--init-from"
             raise ValueError(f"{what} ({source}) holds a different model than --model-config: "
                              f"{_config_diff(model.config, cfg)}")
@@ -197,7 +198,8 @@ def train(args) -> dict:
     torch.manual_seed(args.seed)
     model, opt = build(args, cfg, device, ckpt)
     base_lrs = [g["lr"] for g in opt.param_groups]  # before a resume overwrites them with the scheduled values
-    loader = Loader(Split(args.data, "train"), args.seq_len, rows, seed=args.seed, rank=rank, world=world)
+    loader = Loader(Split(args.data, "train"), args.seq_len, rows, seed=args.seed, rank=rank, world=world,
+                    all_tokens=args.all_tokens)
     val = Split(args.data, "val") if "val" in manifest["splits"] else None
     start = 0
     if ckpt is not None:
@@ -322,6 +324,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="clip the global norm of the raw gradients before the optimizer (0 = off)")
     p.add_argument("--autocast", choices=("bf16", "none"), default="bf16",
                    help="bf16 autocast over fp32 master weights, or plain fp32")
+    p.add_argument("--all-tokens", action="store_true",
+                   help="train on every token, ignoring the data's loss mask (e.g. a warm-up on whole chat "
+                        "conversations; the validation loss keeps the mask)")
     p.add_argument("--val-every", type=int, default=100, help="validation loss every N steps and at the end (0 = off)")
     p.add_argument("--val-tokens", type=int, default=None, help="validate on at most this many tokens (default all)")
     p.add_argument("--save-every", type=int, default=0,
