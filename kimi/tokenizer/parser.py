@@ -44,6 +44,8 @@ _PREFIXES = frozenset(m[:k] for m in MARKERS for k in range(1, len(m)))
 _MAX_MARKER = max(map(len, MARKERS))
 
 REASONING, CONTENT, SECTION, CALL_ID, CALL_ARGS = range(5)
+_IN_CALL = (CALL_ID, CALL_ARGS)
+_CALL_INDEX = re.compile(r"(.*):[0-9]+", re.S)
 
 
 def tool_call_opening_ids(tokenizer) -> tuple[int, ...]:
@@ -51,9 +53,6 @@ def tool_call_opening_ids(tokenizer) -> tuple[int, ...]:
     text (tool_choice "none", or no tools declared)."""
     ids = (tokenizer.special_tokens.get(m) for m, kind in _KIND.items() if kind in ("section", "call"))
     return tuple(i for i in ids if i is not None)
-
-_IN_CALL = (CALL_ID, CALL_ARGS)
-_CALL_INDEX = re.compile(r"(.*):[0-9]+", re.S)
 
 
 @dataclass
