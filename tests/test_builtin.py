@@ -62,7 +62,8 @@ def test_no_tools_declared_means_a_text_reply():
     req = ChatCompletionRequest(model="kimi", messages=[{"role": "user", "content": "hi"}],
                                 temperature=0, max_tokens=48)
     plan = plan_chat(req, tok, eng.max_model_len, None, {})
-    assert set(plan.params[0].banned_token_ids) == set(tool_call_opening_ids(tok)) != set()
+    opening = set(tool_call_opening_ids(tok))
+    assert set(plan.params[0].banned_token_ids) == opening != set()
     free = SamplingParams(temperature=0, max_tokens=48)
 
     def reply(params):
@@ -70,7 +71,6 @@ def test_no_tools_declared_means_a_text_reply():
         return out.token_ids, parse(out.token_ids, tok)
 
     ids, _ = reply(free)
-    opening = set(tool_call_opening_ids(tok))
     assert set(ids) & opening, "the unconstrained model no longer opens a call here: this test lost its point"
     ids, parsed = reply(plan.params[0])
     assert not set(ids) & opening and not parsed.tool_calls and parsed.content.strip()
