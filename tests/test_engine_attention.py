@@ -46,6 +46,10 @@ def test_batched_decode_equals_reference(family):
     want = paged_attention_reference(mla, q_nope.transpose(0, 1), q_pe.transpose(0, 1), cache, tables,
                                      [n - 1 for n in lengths], [1] * len(lengths), BS)
     assert (got.transpose(0, 1) - want).abs().max() < 1e-6  # the absorbed form takes its softmax in fp32
+    # gathering into a reused scratch buffer (larger than needed, holding stale values) changes nothing
+    buffer = torch.randn(rows.numel() + 7, cache.shape[1], dtype=cache.dtype)
+    assert torch.equal(paged_decode(mla, q_nope, q_pe, cache, rows, mask, buffer), got)
+    assert torch.equal(paged_decode(mla, q_nope, q_pe, cache, rows, mask, buffer), got)
 
 
 def test_contiguous_tables_read_in_place():

@@ -38,12 +38,13 @@ class StepContext:
 
     def __init__(self, kv_cache: torch.Tensor, mla_row: dict[int, int], pool: StatePool, slot_mapping: torch.Tensor,
                  cu_seqlens: torch.Tensor | None, state_slots: torch.Tensor, decode: DecodeBatch | None,
-                 chunks: list[Chunk]):
+                 chunks: list[Chunk], gather_buffer: torch.Tensor | None = None):
         self.kv_cache, self.mla_row, self.pool = kv_cache, mla_row, pool
         self.slot_mapping = slot_mapping  # [N] cache row of every token of the step
         self.cu_seqlens = cu_seqlens
         self.state_slots = state_slots  # [num sequences] live KDA slot of each, in step order
         self.decode, self.chunks = decode, chunks
+        self.gather_buffer = gather_buffer  # [>= B*S, W] scratch for the decode batch's contexts (ops/attention.py)
 
     def advance(self, num_tokens: int) -> None:
         pass  # the scheduler advances each sequence after the step
@@ -55,11 +56,11 @@ class StepContext:
         cache.index_copy_(0, self.slot_mapping, latent.reshape(B * T, -1))
         d = self.decode
         if d is not None and d.tokens is None:  # decode layout: every row one query
-            return paged_decode(mla, q_nope, q_pe, cache, d.rows, d.mask)
+            return paged_decode(mla, q_nope, q_pe, cache, d.rows, d.mask, self.gather_buffer)
         out = q_nope.new_empty(1, T, mla.num_heads, mla.v_head_dim)
         if d is not None:
             out[0, d.tokens] = paged_decode(mla, q_nope[0, d.tokens, None], q_pe[0, d.tokens, None], cache, d.rows,
-                                            d.mask)[:, 0]
+                                            d.mask, self.gather_buffer)[:, 0]
         for c in self.chunks:
             ctx = latent[:, c.start:c.end] if c.rows is None else cache[c.rows][None]
             out[:, c.start:c.end] = mla.attend(q_nope[:, c.start:c.end], q_pe[:, c.start:c.end], ctx, c.position)

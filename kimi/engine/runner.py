@@ -32,6 +32,9 @@ class ModelRunner:
         self.kv_cache = torch.zeros(len(mla_layers), num_blocks * block_size, width, dtype=model.dtype,
                                     device=self.device)
         self.states = StatePool(cfg, num_state_slots, num_snapshots, model.dtype, self.device)
+        # where a decode batch's contexts are gathered, every MLA layer of every step: grown to the largest batch
+        # seen (B * longest context rows), never shrunk
+        self.gather_buffer = torch.empty(0, width, dtype=model.dtype, device=self.device)
 
     def block_bytes(self) -> int:
         return self.kv_cache[:, :self.block_size].numel() * self.kv_cache.element_size()
@@ -71,6 +74,8 @@ class ModelRunner:
                 rows, mask = span, torch.ones(1, lengths[0], dtype=torch.bool, device=dev)
             else:
                 rows, mask = context_rows([tables[i] for i in single], lengths, bs, dev)
+                if rows.numel() > self.gather_buffer.shape[0]:
+                    self.gather_buffer = self.gather_buffer.new_empty(rows.numel(), self.gather_buffer.shape[1])
             tokens = None if decode_only else first[single]
             decode = DecodeBatch(tokens, rows, mask)
         chunks, offset = [], 0
@@ -93,7 +98,7 @@ class ModelRunner:
             input_ids, positions = input_ids[None], positions[None]
             cu_seqlens = torch.cat([first, first.new_tensor([N])])
         ctx = StepContext(self.kv_cache, self.mla_row, self.states, slot_mapping, cu_seqlens, state_slots, decode,
-                          chunks)
+                          chunks, self.gather_buffer)
         if not to_sample:
             self.model(input_ids, positions, ctx, logits_at=torch.zeros(0, dtype=torch.long, device=dev))
             return [], torch.empty(0, self.config.vocab_size)

@@ -4,7 +4,9 @@ block_size). Math: ../shared/reference/k2.md §2.3 (absorbed decode), serving.md
 
 `context_rows` turns block tables into the row indices of each sequence's context (one [B, S] index matrix for a
 whole decode batch, padded and masked), or into a plain slice when a sequence's blocks happen to be consecutive, so
-batch-1 decode reads the cache in place instead of gathering a copy. `paged_decode` attends a batch of single-token
+batch-1 decode reads the cache in place instead of gathering a copy. A batch's gather goes into a caller-owned
+buffer reused layer after layer and step after step: a fresh tensor of tens of MB is a fresh mmap that the kernel
+zero-fills page by page, which on CPU cost ~6x the copy itself. `paged_decode` attends a batch of single-token
 queries over their contexts in the absorbed form (MQA over the latent). `paged_attention_reference` is the plain
 twin: per sequence, token by token, the dense form.
 """
@@ -35,20 +37,29 @@ def context_rows(tables: list[list[int]], lengths: list[int], block_size: int, d
     return rows, mask
 
 
-def paged_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, rows, mask) -> torch.Tensor:
+def paged_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, rows, mask,
+                 buffer: torch.Tensor | None = None) -> torch.Tensor:
     """q_nope [B, 1, H, nope], q_pe [B, 1, H, rope]; cache [R, W]; rows: [B, S] indices or a slice (B = 1);
-    mask [B, S] -> [B, 1, H, v]. The absorbed form (MLA.attend_absorbed is its reference), laid out so that both
-    products stream the context row-major as one GEMM per sequence: scores = ctx @ q^T, not q @ ctx^T, which
-    torch runs as a slow per-head strided GEMV for bf16 on CPU."""
-    ctx = cache[rows][None] if isinstance(rows, slice) else cache[rows]  # [B, S, W]
+    mask [B, S]; buffer: None or a contiguous [>= B*S, W] scratch tensor for the gathered contexts -> [B, 1, H, v].
+    The absorbed form (MLA.attend_absorbed is its reference), laid out so that both products stream the context
+    row-major as one GEMM per sequence: scores = ctx @ q^T, not q @ ctx^T, which torch runs as a slow per-head
+    strided GEMV for bf16 on CPU; and p^T @ ctx over all W columns, dropping the rope columns of the product
+    afterwards (slicing ctx first would make bmm copy the whole context)."""
+    if isinstance(rows, slice):
+        ctx = cache[rows][None]  # [1, S, W], in place
+    else:
+        B, S = rows.shape
+        out = None if buffer is None else buffer[:B * S]
+        ctx = torch.index_select(cache, 0, rows.reshape(-1), out=out).view(B, S, -1)  # [B, S, W]
     r = mla.kv_lora_rank
     w = mla.kv_b_proj.weight.view(mla.num_heads, mla.qk_nope_head_dim + mla.v_head_dim, r)
     w_uk, w_uv = w.split([mla.qk_nope_head_dim, mla.v_head_dim], dim=1)  # [H, nope, r], [H, v, r]
     q = torch.cat([torch.einsum("bhn,hnr->bhr", q_nope[:, 0], w_uk), q_pe[:, 0]], dim=-1)  # [B, H, W]
-    scores = torch.bmm(ctx, q.transpose(1, 2))  # [B, S, H]
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)) * mla.scale
-    p = scores.masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=1).to(ctx.dtype)
-    o_lat = torch.bmm(p.transpose(1, 2), ctx[..., :r])  # [B, H, r]
+    scores = torch.bmm(ctx, q.transpose(1, 2)).transpose(1, 2)  # [B, H, S], a view of [B, S, H]
+    # made contiguous in the fp32 copy: a softmax over a strided dim is ~6x slower than over the last one
+    scores = scores.to(torch.promote_types(scores.dtype, torch.float32), memory_format=torch.contiguous_format)
+    p = (scores * mla.scale).masked_fill(~mask[:, None, :], float("-inf")).softmax(dim=-1).to(ctx.dtype)
+    o_lat = torch.bmm(p, ctx)[..., :r]  # [B, H, r]
     return torch.einsum("bhr,hvr->bhv", o_lat, w_uv)[:, None]
 
 
