@@ -88,12 +88,35 @@ def test_step_context_mixed_decode_and_chunks_equals_reference(family):
     chunks = [Chunk(0, 7, 0, None),
               Chunk(8, 13, 11, context_rows([tables[2]], [16], BS, "cpu")[0][0])]
     ctx = StepContext(kv, {mla.layer_idx: 0}, StatePool(k2_tiny(), 1, 0, torch.float64), torch.tensor(slots), None,
-                      torch.zeros(0, dtype=torch.long), DecodeBatch(torch.tensor([7, 13]), rows, mask), chunks)
+                      torch.zeros(0, dtype=torch.long), [DecodeBatch(torch.tensor([7, 13]), rows, mask)], chunks)
     got = ctx.mla_attention(mla, q_nope, q_pe, latent)
     cache[torch.tensor(slots)] = latent[0]
     assert torch.equal(kv[0], cache)  # the step's latents landed in their slots
     want = paged_attention_reference(mla, q_nope, q_pe, cache, tables, starts, counts, BS)
     assert (got - want).abs().max() < 1e-6  # the absorbed form takes its softmax in fp32
+
+
+def test_decode_groups_equal_one_batch():
+    """The runner attends many decode queries in groups of similar context length; the split changes nothing."""
+    lengths = [30, 2, 17, 9, 25]
+    mla, tables, cache = setup(k2_tiny, lengths, seed=2)
+    B, H = len(lengths), mla.num_heads
+    q_nope = torch.randn(B, 1, H, mla.qk_nope_head_dim, dtype=torch.float64)
+    q_pe = torch.randn(B, 1, H, mla.qk_rope_head_dim, dtype=torch.float64)
+    latent = torch.randn(B, 1, cache.shape[1], dtype=torch.float64)
+    slots = torch.tensor([t[(n - 1) // BS] * BS + (n - 1) % BS for t, n in zip(tables, lengths)])
+
+    def attend(groups):
+        decode = [DecodeBatch(None if g is None else torch.tensor(g),
+                              *context_rows([tables[i] for i in (g or range(B))],
+                                            [lengths[i] for i in (g or range(B))], BS, "cpu")) for g in groups]
+        ctx = StepContext(cache.clone()[None], {mla.layer_idx: 0}, StatePool(k2_tiny(), 1, 0, torch.float64), slots,
+                          None, torch.zeros(0, dtype=torch.long), decode, [], torch.empty(B * 32, cache.shape[1]).double())
+        return ctx.mla_attention(mla, q_nope, q_pe, latent)
+
+    one = attend([None])  # (a group's padding length changes only the summation order)
+    assert torch.allclose(attend([[1, 3], [2, 4, 0]]), one, rtol=0, atol=1e-12)
+    assert torch.allclose(attend([[4], [0, 1, 2, 3]]), one, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("lens", [[1, 7, 1, 1, 70, 1], [65, 1], [1, 1, 2, 1], [3, 64, 1, 0, 5]])

@@ -3,9 +3,10 @@ KDA state pool. The runner builds one per step and passes it to Transformer.forw
 
 Two layouts: a decode-only step runs as [B, 1] (rows are sequences, cu_seqlens None, so KDA takes its batched
 single-token path); any other step packs all scheduled tokens as [1, N] with cu_seqlens. MLA layers first write the
-step's latents into their cache rows (slot_mapping), then attend: all single-token queries at once in the absorbed
-form over their gathered contexts; each multi-token chunk (a prefill) through MLA.attend, over just its own new
-latents when it starts at position 0, else over its context read from the cache.
+step's latents into their cache rows (slot_mapping), then attend: the single-token queries in the absorbed form, a
+group of similar context lengths at a time (DecodeBatch; the runner groups them so little of a gather is padding);
+each multi-token chunk (a prefill) through MLA.attend, over just its own new latents when it starts at position 0,
+else over its context read from the cache.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from kimi.ops.attention import paged_decode
 
 @dataclass
 class DecodeBatch:
-    tokens: torch.Tensor | None  # [B] positions of the single-token queries in the packed layout (None: [B, 1])
-    rows: torch.Tensor | slice  # [B, S] cache rows of each context, or one slice (B = 1, consecutive blocks)
-    mask: torch.Tensor  # [B, S] bool, True where rows hold a real context token
+    """Single-token queries attended together: one padded [b, S] context gather, S = the longest context of the b."""
+    tokens: torch.Tensor | None  # [b] which of the step's B*T tokens (None: all of them, in order: decode layout)
+    rows: torch.Tensor | slice  # [b, S] cache rows of each context, or one slice (b = 1, consecutive blocks)
+    mask: torch.Tensor  # [b, S] bool, True where rows hold a real context token
 
 
 @dataclass
@@ -37,14 +39,14 @@ class StepContext:
     length = 0  # positions are always passed explicitly; the model never reads this
 
     def __init__(self, kv_cache: torch.Tensor, mla_row: dict[int, int], pool: StatePool, slot_mapping: torch.Tensor,
-                 cu_seqlens: torch.Tensor | None, state_slots: torch.Tensor, decode: DecodeBatch | None,
+                 cu_seqlens: torch.Tensor | None, state_slots: torch.Tensor, decode: list[DecodeBatch],
                  chunks: list[Chunk], gather_buffer: torch.Tensor | None = None):
         self.kv_cache, self.mla_row, self.pool = kv_cache, mla_row, pool
         self.slot_mapping = slot_mapping  # [N] cache row of every token of the step
         self.cu_seqlens = cu_seqlens
         self.state_slots = state_slots  # [num sequences] live KDA slot of each, in step order
         self.decode, self.chunks = decode, chunks
-        self.gather_buffer = gather_buffer  # [>= B*S, W] scratch for the decode batch's contexts (ops/attention.py)
+        self.gather_buffer = gather_buffer  # [>= b*S, W] scratch for a decode group's contexts (ops/attention.py)
 
     def advance(self, num_tokens: int) -> None:
         pass  # the scheduler advances each sequence after the step
@@ -54,13 +56,15 @@ class StepContext:
         B, T, _ = latent.shape
         cache = self.kv_cache[self.mla_row[mla.layer_idx]]  # [R, W]
         cache.index_copy_(0, self.slot_mapping, latent.reshape(B * T, -1))
-        d = self.decode
-        if d is not None and d.tokens is None:  # decode layout: every row one query
+        if len(self.decode) == 1 and self.decode[0].tokens is None:  # decode layout, one group: every row a query
+            d = self.decode[0]
             return paged_decode(mla, q_nope, q_pe, cache, d.rows, d.mask, self.gather_buffer)
-        out = q_nope.new_empty(1, T, mla.num_heads, mla.v_head_dim)
-        if d is not None:
-            out[0, d.tokens] = paged_decode(mla, q_nope[0, d.tokens, None], q_pe[0, d.tokens, None], cache, d.rows,
-                                            d.mask, self.gather_buffer)[:, 0]
+        out = q_nope.new_empty(B, T, mla.num_heads, mla.v_head_dim)
+        flat = out.view(B * T, mla.num_heads, mla.v_head_dim)
+        q_nope_flat, q_pe_flat = q_nope.reshape(B * T, 1, mla.num_heads, -1), q_pe.reshape(B * T, 1, mla.num_heads, -1)
+        for d in self.decode:
+            flat[d.tokens] = paged_decode(mla, q_nope_flat[d.tokens], q_pe_flat[d.tokens], cache, d.rows, d.mask,
+                                          self.gather_buffer)[:, 0]
         for c in self.chunks:
             ctx = latent[:, c.start:c.end] if c.rows is None else cache[c.rows][None]
             out[:, c.start:c.end] = mla.attend(q_nope[:, c.start:c.end], q_pe[:, c.start:c.end], ctx, c.position)

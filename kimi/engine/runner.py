@@ -18,6 +18,10 @@ from kimi.model.model import Transformer
 from kimi.ops import sampling
 from kimi.ops.attention import context_rows, contiguous
 
+# Single-token queries are attended DECODE_GROUP at a time, grouped by context length: each group's gather is padded
+# to its longest context, so one group of 64 mixed lengths would gather ~1.6x the rows that 4 sorted groups do.
+DECODE_GROUP = 16
+
 
 class ModelRunner:
     def __init__(self, model: Transformer, num_blocks: int, block_size: int, num_state_slots: int,
@@ -66,18 +70,21 @@ class ModelRunner:
 
         single = [i for i, n in enumerate(counts) if n == 1]
         decode_only = len(single) == S
-        decode = None
-        if single:
-            lengths = [starts[i] + 1 for i in single]
-            span = contiguous(tables[single[0]], lengths[0], bs) if len(single) == 1 else None
+        decode = []
+        if len(single) > DECODE_GROUP:  # shortest contexts first, so each group pads little (rows gathered ~ b*S)
+            single.sort(key=lambda i: starts[i])
+        for g in range(0, len(single), DECODE_GROUP):
+            group = single[g:g + DECODE_GROUP]
+            lengths = [starts[i] + 1 for i in group]
+            span = contiguous(tables[group[0]], lengths[0], bs) if len(group) == 1 else None
             if span is not None:
                 rows, mask = span, torch.ones(1, lengths[0], dtype=torch.bool, device=dev)
             else:
-                rows, mask = context_rows([tables[i] for i in single], lengths, bs, dev)
+                rows, mask = context_rows([tables[i] for i in group], lengths, bs, dev)
                 if rows.numel() > self.gather_buffer.shape[0]:
                     self.gather_buffer = self.gather_buffer.new_empty(rows.numel(), self.gather_buffer.shape[1])
-            tokens = None if decode_only else first[single]
-            decode = DecodeBatch(tokens, rows, mask)
+            all_in_order = decode_only and len(group) == S
+            decode.append(DecodeBatch(None if all_in_order else first[group], rows, mask))
         chunks, offset = [], 0
         for i, n in enumerate(counts):
             if n > 1:
