@@ -1,8 +1,8 @@
 """`kimi chat`: an interactive terminal chat that streams, keeps the conversation, and shows reasoning dimmed.
 
 Two back ends with one loop: `--url` talks to any OpenAI-compatible server (kimi serve, vLLM, Moonshot's API) over
-HTTP with the standard library; `--model DIR` (or neither: the demo model) runs the engine in this process and parses
-its tokens with kimi.tokenizer.parser. In a pipe (stdin not a terminal) every input line is one user turn, replies
+HTTP with the standard library; `--model DIR` (or neither: the demo model) runs the engine in this process behind the
+server's own chat path, so both back ends give the same replies. In a pipe (stdin not a terminal) every input line is one user turn, replies
 go to stdout without colour or prompts, so `echo hi | kimi chat` works in scripts.
 Commands at the prompt: /reset forgets the conversation, /exit (or Ctrl-D) leaves.
 """
@@ -15,6 +15,7 @@ import os
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Iterator
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -53,36 +54,30 @@ def http_deltas(url: str, api_key: str | None, body: dict) -> Iterator[dict]:
 
 
 class LocalChat:
-    """The engine in this process, streaming parsed deltas like the server does."""
+    """The engine in this process, behind the server's own chat path (plan_chat -> engine -> ChoiceState), so a
+    reply, its context-window check and its tool-call rules are exactly what `kimi serve` would send."""
 
     def __init__(self, model_dir: str, max_model_len: int | None):
         from kimi.engine.engine import LLMEngine
+        from kimi.server.app import generation_defaults
 
         self.engine = LLMEngine(model_dir, max_model_len=max_model_len, max_num_seqs=4)
+        self.defaults = generation_defaults(Path(model_dir))
 
     def deltas(self, body: dict) -> Iterator[dict]:
-        from kimi.engine.sampling_params import SamplingParams
-        from kimi.tokenizer.chat import render_ids
-        from kimi.tokenizer.parser import StreamParser, tool_call_opening_ids
+        from kimi.server.protocol import ChatCompletionRequest
+        from kimi.server.serving_chat import ChoiceState, plan_chat
 
-        tok = self.engine.tokenizer
-        ids, _ = render_ids(body["messages"], tok, add_generation_prompt=True,
-                            thinking=body["chat_template_kwargs"]["thinking"])
-        room = self.engine.max_model_len - len(ids)
-        if room < 1:
-            yield {"error": f"the conversation has {len(ids)} tokens, the context window {self.engine.max_model_len}"}
+        try:  # guides None: the CLI never asks for a JSON or tool-call-constrained reply
+            plan = plan_chat(ChatCompletionRequest.model_validate(body), self.engine.tokenizer,
+                             self.engine.max_model_len, None, self.defaults)
+        except ValueError as e:
+            yield {"error": str(e)}
             return
-        params = SamplingParams(temperature=body["temperature"], max_tokens=min(body["max_tokens"], room),
-                                banned_token_ids=tool_call_opening_ids(tok))  # no tools declared: text replies only
-        parser = StreamParser(tok, starts_in_reasoning=ids[-1] == tok.special_tokens.get("<think>"))
-        seen = 0
-        for out in self.engine.stream(ids, params):
-            new = out.token_ids[seen:]
-            seen = len(out.token_ids)
-            yield from parser.push(new)
-            if out.finished:
-                yield from parser.finish()
-                yield {"finish_reason": out.finish_reason}
+        choice = ChoiceState(0, plan, self.engine.tokenizer)
+        for out in self.engine.stream(plan.prompt_ids, plan.params[0]):
+            yield from choice.update(out.outputs[0])[0]
+        yield {"finish_reason": choice.finish_reason}
 
     def close(self):
         self.engine.shutdown()

@@ -75,3 +75,25 @@ def test_no_tools_declared_means_a_text_reply():
     ids, parsed = reply(plan.params[0])
     assert not set(ids) & opening and not parsed.tool_calls and parsed.content.strip()
     eng.shutdown()
+
+
+def test_chat_cli_runs_the_builtin_model_through_the_server_path():
+    """`kimi chat --model DIR` in a pipe: plan_chat -> engine -> ChoiceState, as the server does: a text reply (no
+    tools declared, so no call can open), and a reply that cannot fit the window is the server's error, after which
+    the chat goes on."""
+    import argparse
+    import io
+
+    from kimi.chat_cli import add_chat_arguments, chat_main
+
+    p = argparse.ArgumentParser()
+    add_chat_arguments(p)
+    out = io.StringIO()
+    chat_main(p.parse_args(["--model", str(builtin_model_dir()), "--temperature", "0", "--max-tokens", "24"]),
+              stdin=io.StringIO("hi\n"), stdout=out)
+    text = out.getvalue()
+    assert text.strip() and "[error]" not in text and "[tool call" not in text, text
+    out = io.StringIO()
+    chat_main(p.parse_args(["--model", str(builtin_model_dir()), "--temperature", "0", "--max-tokens", "60",
+                            "--max-model-len", "64"]), stdin=io.StringIO("hi\nhello\n"), stdout=out)
+    assert out.getvalue().count("[error] This model's maximum context length is 64 tokens") == 2, out.getvalue()

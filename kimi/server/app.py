@@ -347,7 +347,7 @@ async def _chat_stream(state, plan, sub, rid, model, t0):
                     time.perf_counter() - t0, finish)
 
 
-def _generation_defaults(model_dir: Path) -> dict:
+def generation_defaults(model_dir: Path) -> dict:
     """Sampling defaults from the model's generation_config.json (temperature, top_p, top_k), as vLLM does."""
     path = model_dir / "generation_config.json"
     if not path.is_file():
@@ -424,7 +424,7 @@ def serve_main(args) -> None:
         torch.set_num_threads(args.threads)
     state = ServerState(args.served_model_name or model_dir.resolve().name,
                         api_key=args.api_key or os.environ.get("KIMI_API_KEY") or None, max_waiting=args.max_waiting,
-                        defaults=_generation_defaults(model_dir))
+                        defaults=generation_defaults(model_dir))
     app = build_app(state, args.cors_origins, args.max_body_bytes)
 
     def load():
