@@ -2,8 +2,8 @@
 
 Two back ends with one loop: `--url` talks to any OpenAI-compatible server (kimi serve, vLLM, Moonshot's API) over
 HTTP with the standard library; `--model DIR` (or neither: the demo model) runs the engine in this process behind the
-server's own chat path, so both back ends give the same replies. In a pipe (stdin not a terminal) every input line is one user turn, replies
-go to stdout without colour or prompts, so `echo hi | kimi chat` works in scripts.
+server's own chat path, so both back ends give the same replies. In a pipe (stdin not a terminal) every input line
+is one user turn, replies go to stdout without colour or prompts, so `echo hi | kimi chat` works in scripts.
 Commands at the prompt: /reset forgets the conversation, /exit (or Ctrl-D) leaves.
 """
 

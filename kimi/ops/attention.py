@@ -43,7 +43,7 @@ def paged_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Ten
     mask [B, S]; buffer: None or a contiguous [>= B*S, W] scratch tensor for the gathered contexts -> [B, 1, H, v].
     The absorbed form (MLA.attend_absorbed is its reference), laid out so that both products stream the context
     row-major as one GEMM per sequence: scores = ctx @ q^T, not q @ ctx^T, which torch runs as a slow per-head
-    strided GEMV for bf16 on CPU; and p^T @ ctx over all W columns, dropping the rope columns of the product
+    strided GEMV for bf16 on CPU; and p @ ctx over all W columns, dropping the rope columns of the product
     afterwards (slicing ctx first would make bmm copy the whole context)."""
     if isinstance(rows, slice):
         ctx = cache[rows][None]  # [1, S, W], in place
