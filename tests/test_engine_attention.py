@@ -110,8 +110,9 @@ def test_decode_groups_equal_one_batch():
         decode = [DecodeBatch(None if g is None else torch.tensor(g),
                               *context_rows([tables[i] for i in (g or range(B))],
                                             [lengths[i] for i in (g or range(B))], BS, "cpu")) for g in groups]
+        buffer = torch.empty(B * max(lengths), cache.shape[1], dtype=torch.float64)
         ctx = StepContext(cache.clone()[None], {mla.layer_idx: 0}, StatePool(k2_tiny(), 1, 0, torch.float64), slots,
-                          None, torch.zeros(0, dtype=torch.long), decode, [], torch.empty(B * 32, cache.shape[1]).double())
+                          None, torch.zeros(0, dtype=torch.long), decode, [], buffer)
         return ctx.mla_attention(mla, q_nope, q_pe, latent)
 
     one = attend([None])  # (a group's padding length changes only the summation order)
