@@ -83,8 +83,8 @@ class ModelRunner:
                 rows, mask = context_rows([tables[i] for i in group], lengths, bs, dev)
                 if rows.numel() > self.gather_buffer.shape[0]:
                     self.gather_buffer = self.gather_buffer.new_empty(rows.numel(), self.gather_buffer.shape[1])
-            all_in_order = decode_only and len(group) == S
-            decode.append(DecodeBatch(None if all_in_order else first[group], rows, mask))
+            # one group holding every sequence of the step is the [B, 1] decode layout, in order (never sorted)
+            decode.append(DecodeBatch(None if len(group) == S else first[group], rows, mask))
         chunks, offset = [], 0
         for i, n in enumerate(counts):
             if n > 1:
