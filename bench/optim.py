@@ -161,7 +161,6 @@ def reload_val_loss(run_dir: str, data: str, seq_len: int, threads: int) -> floa
     from kimi.model.loader import load_model
     from kimi.train import checkpoint as ck
     from kimi.train.data import IGNORE, Split, eval_batches
-    from kimi.train.packing import packed_forward
     from kimi.train.trainer import token_loss
 
     torch.set_num_threads(threads)
@@ -169,7 +168,7 @@ def reload_val_loss(run_dir: str, data: str, seq_len: int, threads: int) -> floa
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in eval_batches(Split(data, "val"), seq_len, 32):
-            total += token_loss(packed_forward(model, batch.input_ids, batch.doc_ids), batch.targets).item()
+            total += token_loss(model, batch.input_ids, batch.doc_ids, batch.targets).item()
             count += int((batch.targets != IGNORE).sum())
     return total / count
 

@@ -191,7 +191,7 @@ def test_documents_context_layout():
     docs = Documents(torch.tensor([[7, 7, 8, 8, 8], [9, 9, 9, 9, 9]]))
     assert docs.cu_seqlens.tolist() == [0, 2, 5, 10]
     assert docs.positions.tolist() == [[0, 1, 0, 1, 2, 0, 1, 2, 3, 4]]
-    assert docs.mask[0, 0, 2].tolist() == [False, False, True, False, False] and not docs.trivial
+    assert docs.bounds == [0, 2, 5, 10] and not docs.trivial
     assert Documents(torch.zeros(3, 4, dtype=torch.long)).trivial
 
 

@@ -96,10 +96,12 @@ def test_clip_scales_clipped_heads_by_gamma_and_leaves_the_rest_bit_identical(va
     assert torch.equal(kv_new[:, nope:], kv_old[:, nope:])
     for h in range(H):
         if clipped[h]:
-            g = gamma[h]
-            torch.testing.assert_close(q_new[h, :nope], q_old[h, :nope] * g.sqrt(), rtol=0, atol=0)
+            # the factors are gamma and sqrt(gamma) computed in fp64 and rounded once to the weights' dtype
+            g64 = tau / recorded[h].double()
+            g, root = g64.to(dtype), g64.sqrt().to(dtype)
+            torch.testing.assert_close(q_new[h, :nope], q_old[h, :nope] * root, rtol=0, atol=0)
             torch.testing.assert_close(q_new[h, nope:], q_old[h, nope:] * g, rtol=0, atol=0)
-            torch.testing.assert_close(kv_new[h, :nope], kv_old[h, :nope] * g.sqrt(), rtol=0, atol=0)
+            torch.testing.assert_close(kv_new[h, :nope], kv_old[h, :nope] * root, rtol=0, atol=0)
         else:
             assert torch.equal(q_new[h], q_old[h]) and torch.equal(kv_new[h], kv_old[h])
 
