@@ -40,6 +40,12 @@
 # decaying over the last 50% (67 min in all; val 0.100, iid success 60.5%) or the last 30% (68 min; val 0.100,
 # 68.5%). So an hour of this recipe lands at 60-78% depending on the schedule, and the decay length is not the
 # lever: ~17M tokens are too few for the 80% / 90% bars on this data; the shipped weights saw 34M.
+# One more (2026-11-23), after the training step got ~1.2x faster with two processes (MLA's QK-Clip statistic,
+# per-document attention and target-only logits; bench/train.py): 4,700 steps (19M tokens), decay over the last 40%.
+# Copying appeared early (val 0.31 at step 1,200) but the run ended at val 0.097 and iid success 59% (parse, JSON,
+# schema 100%, right tool 99.6%), in 79 min: the machine ran at ~4,400 tokens/s that hour, not the ~5,400 measured
+# beside the old code earlier in the day. Five one-hour-ish runs now span 59-78% iid: the run-to-run spread is as
+# large as any schedule effect, and none reaches the 80% / 90% bars.
 #
 # Result of this exact run (2026-11-22): see kimi/builtin/model/eval.json (200 episodes per split, greedy,
 # closed loop + teacher-forced); iid episode success 92.5%, the other splits are in README.md.
