@@ -45,7 +45,8 @@
 # Copying appeared early (val 0.31 at step 1,200) but the run ended at val 0.097 and iid success 59% (parse, JSON,
 # schema 100%, right tool 99.6%), in 79 min: the machine ran at ~4,400 tokens/s that hour, not the ~5,400 measured
 # beside the old code earlier in the day. Five one-hour-ish runs now span 59-78% iid: the run-to-run spread is as
-# large as any schedule effect, and none reaches the 80% / 90% bars.
+# large as any schedule effect, and none reaches the 80% / 90% bars. Batch 2,048 for the plateau instead (1,500
+# steps) tracked batch 4,096's validation loss per token, not per step: the plateau is token-bound.
 #
 # Result of this exact run (2026-11-22): see kimi/builtin/model/eval.json (200 episodes per split, greedy,
 # closed loop + teacher-forced); iid episode success 92.5%, the other splits are in README.md.
