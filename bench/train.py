@@ -18,6 +18,7 @@ interleaved; medians are reported. Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -84,9 +85,8 @@ def main() -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         episodes = max(60, rows * args.seq * (repeats + 2) // 350)  # toolverse-2 averages ~390 tokens each
-        batches = list(zip(range(repeats + 1), Loader(Split(toolverse_tokens(Path(tmp), episodes), "train"),
-                                                      args.seq, rows, seed=0)))
-    batches = [b for _, b in batches]
+        loader = Loader(Split(toolverse_tokens(Path(tmp), episodes), "train"), args.seq, rows, seed=0)
+        batches = list(itertools.islice(loader, repeats + 1))  # read while the shards exist
     src = builtin_model_dir()
     ref = transformers.KimiLinearForCausalLM.from_pretrained(src, dtype=torch.float32).train()
     ours = kimi.load_model(src, dtype=torch.float32).train()
