@@ -145,3 +145,33 @@ def test_kda_layer_packed_sequences_equal_separate_runs():
             a, b = sum(lens[:i]), sum(lens[:i + 1])
             assert (out[:, a:b] - want).abs().max() <= 1e-5
             assert torch.allclose(packed.conv[i], single.conv[0], atol=1e-5) and torch.allclose(packed.state[i], single.state[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [2, 8])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_token_moe_path_equals_the_grouped_path(k, dtype):
+    """Experts' batch-1 shortcut does the grouped path's arithmetic in the same order: bit-for-bit the same."""
+    from kimi.model.moe import Experts
+
+    g = torch.Generator().manual_seed(k)
+    experts = Experts(16, 32, 24).to(dtype)
+    for p in experts.parameters():
+        p.data.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    with torch.no_grad():
+        for _ in range(20):
+            x = torch.randn(1, 32, generator=g).to(dtype)
+            idx = torch.randperm(16, generator=g)[:k][None]
+            w = torch.rand(1, k, generator=g)
+            assert torch.equal(experts(x, idx, w), experts._grouped(x, idx, w))
+
+
+def test_absorbed_weights_follow_in_place_updates():
+    mla = build_model(k2_tiny(), seed=0).model.layers[0].self_attn
+    w_uk, w_uv_t = mla.absorbed_weights()
+    H, r = mla.num_heads, mla.kv_lora_rank
+    assert w_uk.shape == (H, mla.qk_nope_head_dim, r) and w_uv_t.shape == (H, r, mla.v_head_dim)
+    assert mla.absorbed_weights()[0] is w_uk  # cached
+    with torch.no_grad():
+        mla.kv_b_proj.weight.mul_(2)
+    w_uk2, _ = mla.absorbed_weights()
+    assert torch.equal(w_uk2, 2 * w_uk)

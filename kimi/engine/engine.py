@@ -116,8 +116,9 @@ class LLMEngine:
         """model: a model directory (its tokenizer is loaded when it has one) or a Transformer. dtype defaults to
         bfloat16; quantized ("keep" | "dequantize") says how FP8 / INT4 checkpoints run (kimi.load_model);
         num_blocks / num_snapshots override the sizes derived from cache_memory (tests, benchmarks).
-        pack_weights: prepack bf16 CPU weights for oneDNN (kimi/ops/packed_linear.py; same results, ~1.4x faster
-        decode). None packs a model the engine loads itself when that applies; True also packs a Transformer
+        pack_weights: prepack bf16 CPU weights for oneDNN and, where kimi's C kernels build, keep the plain
+        weights for their single-row products too (kimi/ops/packed_linear.py; ~2x faster batch-1 decode, twice
+        the weight memory). None packs a model the engine loads itself when that applies; True also packs a Transformer
         passed in, in place, making it inference-only."""
         from kimi.ops import packed_linear
 

@@ -44,6 +44,7 @@ class MLA(nn.Module):
         # QK-Clip statistics (train/qk_clip.py): running per-head max of scale * q.k over training forwards.
         self.record_max_logits = False
         self.max_logits: torch.Tensor | None = None
+        self._absorbed: tuple | None = None  # absorbed_weights()' cache: (key, W_UK, W_UV^T)
 
     # ---- pieces shared by both forms -----------------------------------------------------------------------
     def project(self, x: torch.Tensor, positions: torch.Tensor):
@@ -151,6 +152,25 @@ class MLA(nn.Module):
         p = scores.softmax(dim=-1).to(latent.dtype)
         o_lat = torch.matmul(p, kv[..., : self.kv_lora_rank])  # [B, H, T, r]
         return torch.einsum("bhtr,hvr->bthv", o_lat, w_uv)
+
+    @torch.no_grad()
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj split for batched products over heads: W_UK [H, nope, r] and W_UV^T [H, r, v], both contiguous.
+
+        Cached, because the strided views of the weight are copied by every bmm that reads them (~75 us of a ~300 us
+        batch-1 decode attention at bench size), and rebuilt whenever the weight changes: another storage, or an
+        in-place update (its version counter; an inference-mode weight has none and is never updated, so it is
+        keyed by storage alone)."""
+        w = self.kv_b_proj.weight
+        try:
+            key = (w.data_ptr(), w._version)
+        except RuntimeError:
+            key = (w.data_ptr(), None)
+        if self._absorbed is None or self._absorbed[0] != key:
+            w = w.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
+            w_uk, w_uv = w.split([self.qk_nope_head_dim, self.v_head_dim], dim=1)
+            self._absorbed = (key, w_uk.contiguous(), w_uv.transpose(1, 2).contiguous())
+        return self._absorbed[1], self._absorbed[2]
 
     @torch.no_grad()
     def _record(self, q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None) -> None:

@@ -63,6 +63,9 @@ class Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """x [N, D], idx/w [N, k] -> sum_k w * expert_idx(x), [N, D]."""
+        return self._one_token(x, idx, w) if x.shape[0] == 1 else self._grouped(x, idx, w)
+
+    def _grouped(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         N, k = idx.shape
         flat = idx.flatten()
         order = flat.argsort(stable=True)  # group the N*k (token, slot) pairs by expert
@@ -77,6 +80,16 @@ class Experts(nn.Module):
             start += n
         y = (torch.cat(ys) * w.flatten()[order, None]).to(x.dtype)  # weights stay fp32 until here
         return torch.zeros_like(x).index_add_(0, token, y)
+
+    def _one_token(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """forward for x [1, D] (batch-1 decode) without the sort, gather and scatter, in the same arithmetic as
+        _grouped: each expert output weighted in fp32 and rounded to x's dtype, then summed in fp32 by ascending
+        expert id (what index_add_ does for bf16 on a CPU) and rounded once."""
+        ids = idx[0].tolist()
+        total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for j in sorted(range(len(ids)), key=ids.__getitem__):
+            total += (self.expert(ids[j], x) * w[:, j:j + 1]).to(x.dtype)
+        return total.to(x.dtype)
 
 
 class MoE(nn.Module):

@@ -4,7 +4,11 @@ Batch-1 decode on a CPU is a chain of matrix-vector products that stream every w
 torch's plain bf16 `F.linear` re-lays the weight out on every call and reaches ~8 GB/s on this project's dev CPU
 (AMD EPYC, AVX512-BF16); the same product on a weight reordered once into oneDNN's blocked layout reaches ~15 GB/s,
 and the results are bit-for-bit the same (same kernel family, same fp32 accumulation; tests/test_packed_linear.py).
-Prefill matmuls gain 5-15% too.
+Prefill matmuls gain 5-15% too. For a single row (batch-1 decode) kimi's own kernel (kimi/ops/cpu_kernels.py)
+streams the plain weight at ~17-24 GB/s where oneDNN's packed one reaches 11-16: where it is available, each packed
+module also keeps its plain bf16 weight (twice the weight memory, the price of the fastest path for both shapes)
+and single rows go through it. Its sums run in a different order, so those rows match the plain twin to bf16
+rounding, not bit for bit (tests/test_cpu_kernels.py).
 
 `pack_for_cpu(model)` swaps, in place, every bf16 CPU `nn.Linear` for a `PackedLinear` and every stack of routed
 experts for `PackedExperts`. The model becomes inference-only: a packed weight is an opaque oneDNN tensor, it has no
@@ -20,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kimi.model.moe import Experts
+from kimi.ops import cpu_kernels
 
 UNPACKED = ("kv_b_proj",)  # children whose .weight other code reads
 
@@ -40,6 +45,16 @@ def _linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
+def _one_row(x: torch.Tensor, plain: torch.Tensor | None) -> bool:
+    """True where x [..., in] is a single row and its product should run through gemv on the plain weight."""
+    return plain is not None and x.numel() == x.shape[-1] and cpu_kernels.available()
+
+
+def _plain(weight: torch.Tensor) -> torch.Tensor | None:
+    """The plain weight gemv reads, kept only where gemv runs."""
+    return weight.detach().contiguous() if cpu_kernels.available() else None
+
+
 class PackedLinear(nn.Module):
     """y = x W^T with W prepacked; x [..., in] bf16 -> [..., out] bf16."""
 
@@ -49,9 +64,10 @@ class PackedLinear(nn.Module):
             raise ValueError("PackedLinear packs bias-free linears only (every kimi projection is bias-free)")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.packed = _pack(linear.weight)
+        self.plain = _plain(linear.weight)  # [out, in] for single rows (gemv), or None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _linear(x, self.packed)
+        return cpu_kernels.gemv(x, self.plain) if _one_row(x, self.plain) else _linear(x, self.packed)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, packed"
@@ -66,8 +82,15 @@ class PackedExperts(Experts):
         self.gate = [_pack(w) for w in experts.gate_proj]
         self.up = [_pack(w) for w in experts.up_proj]
         self.down = [_pack(w) for w in experts.down_proj]
+        # single rows: gate and up as one [2 * I, D] matrix (one stream, one call), down [D, I]
+        self.gate_up_plain = [_plain(torch.cat([g, u])) if cpu_kernels.available() else None
+                              for g, u in zip(experts.gate_proj, experts.up_proj)]
+        self.down_plain = [_plain(w) for w in experts.down_proj]
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if _one_row(x, self.down_plain[e]):
+            g, u = cpu_kernels.gemv(x, self.gate_up_plain[e]).chunk(2, dim=-1)
+            return cpu_kernels.gemv(F.silu(g) * u, self.down_plain[e])
         return _linear(F.silu(_linear(x, self.gate[e])) * _linear(x, self.up[e]), self.down[e])
 
 

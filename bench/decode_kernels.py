@@ -1,0 +1,113 @@
+"""kimi's C decode kernels (kimi/ops/cpu_kernels.py) against the torch paths they replace, bf16, one row at a time.
+
+  1. y = x W^T for one row of x on bench/engine.py's weight shapes: kimi's gemv vs oneDNN-prepacked weights
+     (kimi/ops/packed_linear.py) vs torch's F.linear, as GB/s of weight read (enough distinct matrices of each shape
+     to fill 256 MiB, so the weights come from memory as in decode, not from cache);
+  2. MLA absorbed decode attention for one sequence (bench/engine.py's K2-style layer: 8 heads, kv_lora 256, rope
+     32) over contexts of 100 to 2,048 tokens: kimi's one-call kernel vs ops/attention.py's torch path.
+Correctness first, in the same run: gemv within one bf16 rounding (plus fp32 summation noise) of an fp32 product,
+the attention kernel within 2^-7 of the torch path's largest output.
+
+    python bench/decode_kernels.py [--threads 1]
+Prints a table, then one JSON line last.
+"""
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from kimi.config import ModelConfig
+from kimi.model.mla import MLA
+from kimi.ops import attention, cpu_kernels
+from kimi.ops.packed_linear import _linear, _pack
+
+SHAPES = [(512, 768), (768, 512), (2048, 768), (768, 2048), (32000, 768)]  # [out, in] as in bench/engine.py's model
+CONTEXTS = [100, 512, 2048]
+
+
+def best_of(fn, repeats=5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def linear_row(shape) -> dict:
+    out, inn = shape
+    count = max(1, (256 << 20) // (out * inn * 2))
+    weights = [torch.randn(out, inn).bfloat16() for _ in range(count)]
+    packed = [_pack(w) for w in weights]
+    x = torch.randn(1, inn).bfloat16()
+    ref = x.float() @ weights[0].float().T
+    ok = bool(((cpu_kernels.gemv(x, weights[0]).float() - ref).abs()
+               <= ref.abs() * 2 ** -8 + 1e-5 * (x.float().abs() @ weights[0].float().abs().T)).all())
+    nbytes = count * out * inn * 2
+    gbs = {name: nbytes / best_of(lambda: [fn(x, w) for w in ws]) / 1e9 for name, fn, ws in [
+        ("gemv", cpu_kernels.gemv, weights), ("onednn_packed", _linear, packed), ("F.linear", F.linear, weights)]}
+    return {"shape": list(shape), "GB_s": gbs, "gemv_correct": ok,
+            "gemv_vs_packed": gbs["gemv"] / gbs["onednn_packed"], "gemv_vs_F.linear": gbs["gemv"] / gbs["F.linear"]}
+
+
+def attention_row(mla: MLA, context: int) -> dict:
+    W = mla.kv_lora_rank + mla.qk_rope_head_dim
+    cache = torch.randn(context + 64, W).bfloat16()
+    q_nope = torch.randn(1, 1, mla.num_heads, mla.qk_nope_head_dim).bfloat16()
+    q_pe = torch.randn(1, 1, mla.num_heads, mla.qk_rope_head_dim).bfloat16()
+    rows, mask = slice(32, 32 + context), torch.ones(1, context, dtype=torch.bool)
+    available = cpu_kernels.available
+
+    def torch_path():
+        cpu_kernels.available = lambda: False
+        try:
+            return attention.paged_decode(mla, q_nope, q_pe, cache, rows, mask)
+        finally:
+            cpu_kernels.available = available
+
+    def kernel():
+        return cpu_kernels.mla_decode(mla, q_nope, q_pe, cache, rows, mask.sum(1))
+
+    want = torch_path().float()
+    ok = bool((kernel().float() - want).abs().max() <= 2 ** -7 * want.abs().max())
+    n = 200
+    t_torch = best_of(lambda: [torch_path() for _ in range(n)]) / n
+    t_kernel = best_of(lambda: [kernel() for _ in range(n)]) / n
+    return {"context": context, "us": {"kernel": t_kernel * 1e6, "torch": t_torch * 1e6}, "correct": ok,
+            "speedup": t_torch / t_kernel}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not cpu_kernels.available():
+        raise SystemExit("kimi's C kernels are not available here (they need AVX-512 and a C compiler)")
+    res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"}
+    with torch.inference_mode():
+        res["linear_one_row"] = [linear_row(s) for s in SHAPES]
+        for r in res["linear_one_row"]:
+            g = r["GB_s"]
+            print(f"{r['shape'][0]:>6} x {r['shape'][1]:<5} gemv {g['gemv']:5.1f} GB/s  oneDNN packed "
+                  f"{g['onednn_packed']:5.1f}  F.linear {g['F.linear']:5.1f}  ({r['gemv_vs_packed']:.2f}x packed)"
+                  f"{'' if r['gemv_correct'] else '  WRONG'}")
+        cfg = ModelConfig.from_dict({"model_type": "deepseek_v3", "vocab_size": 64, "hidden_size": 768,
+                                     "num_attention_heads": 8, "q_lora_rank": 384, "kv_lora_rank": 256,
+                                     "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64})
+        mla = MLA(cfg, 0).bfloat16()
+        torch.nn.init.normal_(mla.kv_b_proj.weight, std=0.05)
+        res["mla_decode"] = [attention_row(mla, c) for c in CONTEXTS]
+        for r in res["mla_decode"]:
+            print(f"MLA decode, context {r['context']:>5}: kernel {r['us']['kernel']:7.1f} us  torch "
+                  f"{r['us']['torch']:7.1f} us  ({r['speedup']:.2f}x){'' if r['correct'] else '  WRONG'}")
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

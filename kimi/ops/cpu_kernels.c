@@ -1,0 +1,199 @@
+// kimi's C kernels for batch-1 decode on a CPU, where a step is hundreds of small products and torch's per-call cost
+// and bf16 GEMV speed set the pace. Built and loaded by kimi/ops/cpu_kernels.py (plain C with AVX-512F intrinsics;
+// no torch headers, so it compiles in about a second). Every tensor is bf16 stored as uint16, sums are fp32.
+//
+// gemv: y = x W^T. x [M, K], W [N, K] (row-major, one output feature per row), y [M, N].
+// Products are exact in fp32 (bf16 has an 8-bit significand), accumulated in fp32 along K in 4 x 16 lanes, reduced,
+// then rounded to bf16 to nearest even (as torch rounds). W streams one row at a time, start to end: a single
+// sequential stream is what the hardware prefetcher follows best (four rows interleaved ran at half the speed), and
+// a row, a few KB, is reused from L1 for all M rows of x.
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static inline __m512 load_bf16(const uint16_t *p) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+static inline __m512 load_bf16_tail(const uint16_t *p, __mmask16 m) {
+    __m512i wide = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+
+static inline uint16_t to_bf16(float f) {
+    union { float f; uint32_t u; } v = {f};
+    if ((v.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((v.u >> 16) | 0x40);  // NaN stays a quiet NaN
+    v.u += 0x7fffu + ((v.u >> 16) & 1u);
+    return (uint16_t)(v.u >> 16);
+}
+
+static inline float from_bf16(uint16_t b) {
+    union { uint32_t u; float f; } v = {(uint32_t)b << 16};
+    return v.f;
+}
+
+static inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
+
+static inline __mmask16 tail_mask(int64_t n) { return (__mmask16)((1u << (n & 15)) - 1u); }
+
+// sum_i a[i] * b[i], a fp32, b bf16, n >= 0
+static inline float dot_f32_bf16(const float *a, const uint16_t *b, int64_t n) {
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load_bf16(b + i), s0);
+        s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), load_bf16(b + i + 16), s1);
+    }
+    for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), load_bf16(b + i), s0);
+    if (i < n) {
+        __mmask16 m = tail_mask(n);
+        s1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), load_bf16_tail(b + i, m), s1);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+}
+
+// y[i] += a * x[i], y fp32, x bf16
+static inline void axpy_bf16(float *y, float a, const uint16_t *x, int64_t n) {
+    const __m512 av = _mm512_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, _mm512_fmadd_ps(av, load_bf16(x + i), _mm512_loadu_ps(y + i)));
+    if (i < n) {
+        __mmask16 m = tail_mask(n);
+        _mm512_mask_storeu_ps(y + i, m, _mm512_fmadd_ps(av, load_bf16_tail(x + i, m), _mm512_maskz_loadu_ps(m, y + i)));
+    }
+}
+
+// e^x for x <= 0 (softmax after subtracting the max): x = n ln2 + f, |f| <= ln2 / 2, e^f by its degree-7 Taylor
+// polynomial (relative error < 2e-8 there), times 2^n by scalef; below -104 the result is 0, as it is in fp32
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);  // ln2 in two parts (Cody-Waite)
+    f = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), f);
+    __m512 p = _mm512_set1_ps(1.0f / 5040);
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 720));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+// p = softmax(x) over n values, in place, fp32
+static void softmax(float *x, int64_t n) {
+    float m = -INFINITY;
+    for (int64_t i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    const __m512 mv = _mm512_set1_ps(m);
+    __m512 acc = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), mv));
+        _mm512_storeu_ps(x + i, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    if (i < n) {
+        __mmask16 t = tail_mask(n);
+        __m512 e = _mm512_maskz_mov_ps(t, exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(t, x + i), mv)));
+        _mm512_mask_storeu_ps(x + i, t, e);
+        acc = _mm512_add_ps(acc, e);
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(acc);
+    for (i = 0; i < n; i++) x[i] *= inv;
+}
+
+// row n of W against every row of xf (the fp32 copy of x, [M, K]): four accumulators along K, so four FMA chains
+// are in flight while the row streams in
+static void row(const float *xf, int64_t M, int64_t K, const uint16_t *w, int64_t N, int64_t n, uint16_t *y) {
+    const int64_t K64 = K & ~(int64_t)63, K16 = K & ~(int64_t)15;
+    const __mmask16 tail = (__mmask16)((1u << (K - K16)) - 1u);
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = xf + m * K;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t k = 0;
+        for (; k < K64; k += 64) {
+            a0 = _mm512_fmadd_ps(load_bf16(w + k), _mm512_loadu_ps(xm + k), a0);
+            a1 = _mm512_fmadd_ps(load_bf16(w + k + 16), _mm512_loadu_ps(xm + k + 16), a1);
+            a2 = _mm512_fmadd_ps(load_bf16(w + k + 32), _mm512_loadu_ps(xm + k + 32), a2);
+            a3 = _mm512_fmadd_ps(load_bf16(w + k + 48), _mm512_loadu_ps(xm + k + 48), a3);
+        }
+        for (; k < K16; k += 16) a0 = _mm512_fmadd_ps(load_bf16(w + k), _mm512_loadu_ps(xm + k), a0);
+        if (tail) a1 = _mm512_fmadd_ps(load_bf16_tail(w + K16, tail), _mm512_maskz_loadu_ps(tail, xm + K16), a1);
+        y[m * N + n] = to_bf16(_mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3))));
+    }
+}
+
+int kimi_gemv_supported(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+}
+
+// returns 0, or -1 when the fp32 copy of x could not be allocated
+int kimi_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *W, int64_t N, uint16_t *y,
+                   int threads) {
+    float *xf = (float *)malloc((size_t)(M * K) * sizeof(float));
+    if (!xf) return -1;
+    for (int64_t i = 0; i < M * K; i++) {
+        union { uint32_t u; float f; } v = {(uint32_t)x[i] << 16};
+        xf[i] = v.f;
+    }
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N >= 256)
+    for (int64_t n = 0; n < N; n++) row(xf, M, K, W + n * K, N, n, y);
+    free(xf);
+    return 0;
+}
+
+// MLA's absorbed decode (k2.md §2.3) for B single-token queries over a paged latent cache, one call per layer:
+//   q_lat = W_UK^T q_nope; score_s = scale * [q_lat, q_pe] . cache[row_s]; p = softmax(score);
+//   o_lat = sum_s p_s cache[row_s][:r]; out = W_UV o_lat.
+// q_nope [B, H, nope], q_pe [B, H, rope]; kv_b [H, nope + v, r] (kv_b_proj.weight as it is: W_UK rows, then W_UV
+// rows); cache [R, W = r + rope]; rows [B, S] cache rows of each context (or NULL: one sequence at rows start..);
+// lengths [B] (sequence b reads rows[b, :lengths[b]]); out [B, H, v]. q_lat, the scores, p and o_lat are rounded to
+// bf16 where torch's bf16 products round them (ops/attention.py's torch path), so the two differ only in the order
+// of their fp32 sums. The context is read in place, never gathered; each row is read twice (scores, then o_lat).
+// Returns 0, or -1 when scratch memory could not be allocated.
+int kimi_mla_decode_bf16(const uint16_t *q_nope, const uint16_t *q_pe, const uint16_t *kv_b, const uint16_t *cache,
+                         const int64_t *rows, int64_t start, const int64_t *lengths, int64_t B, int64_t S, int64_t H,
+                         int64_t nope, int64_t rope, int64_t v, int64_t r, float scale, uint16_t *out, int threads) {
+    const int64_t W = r + rope;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && B > 1) reduction(| : failed)
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t n = lengths[b];
+        float *q = (float *)malloc((size_t)(H * W + H * n + H * r) * sizeof(float));
+        if (!q) { failed = 1; continue; }
+        float *score = q + H * W, *o = score + H * n;  // [H, W], [H, n], [H, r]
+        for (int64_t h = 0; h < H; h++) {
+            float *qh = q + h * W;
+            for (int64_t j = 0; j < r; j++) qh[j] = 0.0f;
+            const uint16_t *qn = q_nope + (b * H + h) * nope;
+            for (int64_t i = 0; i < nope; i++) axpy_bf16(qh, from_bf16(qn[i]), kv_b + (h * (nope + v) + i) * r, r);
+            for (int64_t j = 0; j < r; j++) qh[j] = round_bf16(qh[j]);
+            for (int64_t j = 0; j < rope; j++) qh[r + j] = from_bf16(q_pe[(b * H + h) * rope + j]);
+        }
+        for (int64_t s = 0; s < n; s++) {
+            const uint16_t *row = cache + (rows ? rows[b * S + s] : start + s) * W;
+            for (int64_t h = 0; h < H; h++) score[h * n + s] = round_bf16(dot_f32_bf16(q + h * W, row, W)) * scale;
+        }
+        for (int64_t h = 0; h < H; h++) {
+            softmax(score + h * n, n);
+            for (int64_t s = 0; s < n; s++) score[h * n + s] = round_bf16(score[h * n + s]);
+            for (int64_t j = 0; j < r; j++) o[h * r + j] = 0.0f;
+        }
+        for (int64_t s = 0; s < n; s++) {
+            const uint16_t *row = cache + (rows ? rows[b * S + s] : start + s) * W;
+            for (int64_t h = 0; h < H; h++) axpy_bf16(o + h * r, score[h * n + s], row, r);
+        }
+        for (int64_t h = 0; h < H; h++) {
+            float *oh = o + h * r;
+            for (int64_t j = 0; j < r; j++) oh[j] = round_bf16(oh[j]);
+            for (int64_t j = 0; j < v; j++)
+                out[(b * H + h) * v + j] = to_bf16(dot_f32_bf16(oh, kv_b + (h * (nope + v) + nope + j) * r, r));
+        }
+        free(q);
+    }
+    return failed ? -1 : 0;
+}

@@ -1,0 +1,131 @@
+"""kimi's C kernels for CPU decode (cpu_kernels.c, built on first use): a bandwidth-bound bf16 matrix-vector
+product, and MLA's absorbed decode attention over the paged latent cache in one call per layer.
+
+Batch-1 decode streams every weight from memory once per token, so its speed is the speed of y = x W^T for one
+row of x. On this project's dev CPU (AMD EPYC, AVX-512) one core reads ~26 GB/s, torch's bf16 `F.linear` reaches
+~8 GB/s there and oneDNN's prepacked weights 11-16 GB/s (kimi/ops/packed_linear.py); `gemv` streams the weight row by
+row at 17-24 GB/s (bench/decode_kernels.py measures all three). It computes any number of rows of x correctly but is the
+fast kernel for one: it reads each weight row once and converts it again for every row of x, so from two rows on
+oneDNN's blocked GEMM wins, and packed_linear.py sends only single rows here.
+
+The rest of a decode step is many small ops at a few microseconds each; MLA attention was the largest group of them:
+four tiny bf16 batched matmuls (~25 us each in torch whatever their size) plus the glue between. `mla_decode` does
+the whole absorbed form for a batch of single-token queries in one call (ops/attention.py's torch path is its twin).
+
+The kernels are plain C with AVX-512 intrinsics and no torch headers: gcc builds it in about a second into the user's
+cache directory ($KIMI_CACHE_DIR, else $XDG_CACHE_HOME/kimi, else ~/.cache/kimi), keyed by the source's hash, and
+ctypes loads it (the call releases the GIL). Where there is no compiler, no AVX-512, or the build fails,
+`available()` is False and callers keep their torch paths; `KIMI_CPU_KERNELS=0` turns them off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("cpu_kernels.c")
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp", "-shared", "-fPIC"]
+
+
+def _cache_dir() -> Path:
+    if os.environ.get("KIMI_CACHE_DIR"):
+        return Path(os.environ["KIMI_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kimi"
+
+
+def _build() -> Path:
+    src = _SOURCE.read_bytes()
+    key = hashlib.sha256(src + " ".join(_FLAGS).encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"cpu_kernels-{key}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)  # built aside, then renamed: processes may race
+        os.close(fd)
+        try:
+            subprocess.run([os.environ.get("CC", "gcc"), *_FLAGS, str(_SOURCE), "-o", tmp], check=True,
+                           capture_output=True, timeout=120)
+            os.replace(tmp, lib)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return lib
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    if os.environ.get("KIMI_CPU_KERNELS", "1") == "0":
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if not lib.kimi_gemv_supported():
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.kimi_gemv_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.kimi_gemv_bf16.restype = ctypes.c_int
+    lib.kimi_mla_decode_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64,
+                                         ctypes.c_float, ptr, ctypes.c_int]
+    lib.kimi_mla_decode_bf16.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """True where the kernels run: a CPU with AVX-512 (F, BW, VL) and a C compiler that built cpu_kernels.c."""
+    return _library() is not None
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] bf16 on the CPU, weight [N, K] bf16 contiguous -> x W^T [..., N] bf16 (fp32 sums, rounded once).
+    Raises RuntimeError where the kernel is not available (check available() first)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("kimi's C kernels are not available here (they need AVX-512 and a C compiler; see "
+                           "kimi/ops/cpu_kernels.py)")
+    N, K = weight.shape
+    if (x.shape[-1] != K or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or weight.device.type != "cpu" or not weight.is_contiguous()):
+        raise ValueError(f"gemv wants x [..., K] bf16 and a contiguous bf16 weight [N, K], both on the CPU; got x "
+                         f"{tuple(x.shape)} {x.dtype} on {x.device}, weight {tuple(weight.shape)} {weight.dtype} on "
+                         f"{weight.device}")
+    x = x.contiguous()
+    y = x.new_empty(*x.shape[:-1], N)
+    if lib.kimi_gemv_bf16(x.data_ptr(), x.numel() // K, K, weight.data_ptr(), N, y.data_ptr(),
+                          torch.get_num_threads()):
+        raise MemoryError("gemv could not allocate its fp32 copy of x")
+    return y
+
+
+def mla_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor | slice,
+               lengths: torch.Tensor) -> torch.Tensor:
+    """Absorbed MLA attention of B single-token queries, bf16 on the CPU: q_nope [B, 1, H, nope], q_pe [B, 1, H,
+    rope]; cache [R, W] (one layer's latent rows); rows: [B, S] cache rows of each context, or a slice of
+    consecutive rows (B = 1); lengths [B] int64 (sequence b attends rows[b, :lengths[b]]) -> [B, 1, H, v]."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("kimi's C kernels are not available here (see kimi/ops/cpu_kernels.py)")
+    B, _, H, nope = q_nope.shape
+    weight = mla.kv_b_proj.weight
+    if not (q_nope.dtype == q_pe.dtype == cache.dtype == weight.dtype == torch.bfloat16 and cache.is_contiguous()
+            and weight.is_contiguous() and cache.device.type == "cpu"):
+        raise ValueError("mla_decode wants bf16 CPU tensors with a contiguous cache and kv_b_proj weight")
+    q_nope, q_pe = q_nope.contiguous(), q_pe.contiguous()
+    lengths = lengths.to(torch.int64).contiguous()
+    if isinstance(rows, slice):
+        rows_ptr, start, S = None, rows.start, rows.stop - rows.start
+    else:
+        rows = rows.to(torch.int64).contiguous()
+        rows_ptr, start, S = rows.data_ptr(), 0, rows.shape[1]
+    out = q_nope.new_empty(B, 1, H, mla.v_head_dim)
+    if lib.kimi_mla_decode_bf16(q_nope.data_ptr(), q_pe.data_ptr(), weight.data_ptr(), cache.data_ptr(), rows_ptr,
+                                start, lengths.data_ptr(), B, S, H, nope, mla.qk_rope_head_dim, mla.v_head_dim,
+                                mla.kv_lora_rank, mla.scale, out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("mla_decode could not allocate its scratch memory")
+    return out

@@ -1,0 +1,107 @@
+"""kimi's C kernels for CPU decode (kimi/ops/cpu_kernels.py) against their plain twins: gemv against an fp32 product,
+mla_decode against ops/attention.py's torch path, and a packed model's single-row decode steps against the plain
+model. Skipped where the kernels cannot run (no AVX-512 or no C compiler)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kimi.model.cache import DenseCache
+from kimi.model.model import build_model
+from kimi.ops import attention, cpu_kernels
+from kimi.ops.packed_linear import pack_for_cpu
+from tests.test_model import k2_tiny, kl_tiny
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="kimi's C kernels need AVX-512 and a C compiler")
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("n,k", [(1, 1), (37, 5), (64, 16), (300, 100), (1001, 37), (257, 768)])
+def test_gemv_matches_an_fp32_product(rows, n, k):
+    g = torch.Generator().manual_seed(n * k + rows)
+    x = torch.randn(rows, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g).bfloat16()
+    y = cpu_kernels.gemv(x, w)
+    ref = x.float() @ w.float().T
+    # one bf16 rounding of the result, plus fp32 summation-order error on the scale of sum |x| |w|
+    bound = ref.abs() * 2 ** -8 + 1e-5 * (x.float().abs() @ w.float().abs().T)
+    assert y.dtype == torch.bfloat16 and y.shape == (rows, n)
+    assert ((y.float() - ref).abs() <= bound).all()
+
+
+def test_gemv_is_the_same_on_any_number_of_threads_and_layouts():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 768, generator=g).bfloat16()
+    w = torch.randn(1024, 768, generator=g).bfloat16()
+    one = cpu_kernels.gemv(x, w)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = cpu_kernels.gemv(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert one.shape == (2, 3, 1024) and torch.equal(one, two)
+    strided = torch.randn(768, 2, generator=g).bfloat16()[:, 0]  # a non-contiguous row
+    assert torch.equal(cpu_kernels.gemv(strided, w), cpu_kernels.gemv(strided.contiguous(), w))
+
+
+def test_gemv_rejects_what_it_cannot_compute():
+    w = torch.randn(8, 16).bfloat16()
+    with pytest.raises(ValueError, match="bf16"):
+        cpu_kernels.gemv(torch.randn(1, 16), w)
+    with pytest.raises(ValueError, match="contiguous"):
+        cpu_kernels.gemv(torch.randn(1, 8).bfloat16(), w.T)
+    with pytest.raises(ValueError, match=r"\[\.\.\., K\]"):
+        cpu_kernels.gemv(torch.randn(1, 15).bfloat16(), w)
+
+
+def _torch_path(monkeypatch, fn):
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernels, "available", lambda: False)
+        return fn()
+
+
+@pytest.mark.parametrize("lengths", [[1], [40], [300], [7, 1, 130]])
+@pytest.mark.parametrize("layout", ["rows", "slice"])
+def test_mla_decode_equals_the_torch_path(lengths, layout, monkeypatch):
+    if layout == "slice" and len(lengths) > 1:
+        pytest.skip("a slice is one sequence's consecutive rows")
+    model = build_model(k2_tiny(), dtype=torch.bfloat16, seed=1).eval()
+    mla = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(sum(lengths))
+    W = mla.kv_lora_rank + mla.qk_rope_head_dim
+    cache = torch.randn(512, W, generator=g).bfloat16()
+    B, S = len(lengths), max(lengths)
+    q_nope = torch.randn(B, 1, mla.num_heads, mla.qk_nope_head_dim, generator=g).bfloat16()
+    q_pe = torch.randn(B, 1, mla.num_heads, mla.qk_rope_head_dim, generator=g).bfloat16()
+    mask = torch.arange(S)[None] < torch.tensor(lengths)[:, None]
+    rows = slice(100, 100 + S) if layout == "slice" else torch.randperm(512, generator=g)[:B * S].view(B, S)
+    with torch.inference_mode():
+        got = attention.paged_decode(mla, q_nope, q_pe, cache, rows, mask)
+        want = _torch_path(monkeypatch, lambda: attention.paged_decode(mla, q_nope, q_pe, cache, rows, mask))
+    # both round q_lat, the scores, p and o_lat to bf16 at the same points; only fp32 summation orders differ
+    assert got.shape == want.shape == (B, 1, mla.num_heads, mla.v_head_dim)
+    assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
+    assert (got == want).float().mean() > 0.9
+
+
+@pytest.mark.parametrize("family", [k2_tiny, kl_tiny])
+def test_packed_single_row_decode_steps_are_close_to_the_plain_model(family):
+    """Teacher-forced decode, one token at a time (every projection a single row, so gemv runs): a packed model's
+    logits stay within bf16 noise of the plain model's, measured against an fp32 copy of the same weights."""
+    plain = build_model(family(), dtype=torch.bfloat16, seed=3).eval()
+    packed = build_model(family(), dtype=torch.bfloat16, seed=3).eval()
+    exact = build_model(family(), dtype=torch.bfloat16, seed=3).float().eval()
+    pack_for_cpu(packed)
+    tokens = torch.randint(0, plain.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    with torch.inference_mode():
+        for name, m in {"plain": plain, "packed": packed, "fp32": exact}.items():
+            cache, out = DenseCache(m.config, 1, 24, m.dtype), []
+            for t in range(24):
+                out.append(m(tokens[:, t:t + 1], cache=cache).float())
+            logits[name] = torch.cat(out, 1)
+    err_plain = (logits["plain"] - logits["fp32"]).abs().max()
+    err_packed = (logits["packed"] - logits["fp32"]).abs().max()
+    assert err_packed <= 2 * err_plain + 1e-3
+    assert (logits["packed"] - logits["plain"]).abs().max() <= 4 * err_plain + 1e-3
