@@ -63,8 +63,9 @@ def _torch_path(monkeypatch, fn):
 
 @pytest.mark.parametrize("lengths,layout", [([1], "rows"), ([40], "rows"), ([300], "rows"), ([7, 1, 130], "rows"),
                                             ([1], "slice"), ([300], "slice")])  # a slice: one sequence's rows
-def test_mla_decode_equals_the_torch_path(lengths, layout, monkeypatch):
-    model = build_model(k2_tiny(), dtype=torch.bfloat16, seed=1).eval()
+@pytest.mark.parametrize("heads,rank", [(4, 32), (12, 80)])  # the kernel blocks 8 heads x 32 columns; and the rest
+def test_mla_decode_equals_the_torch_path(lengths, layout, heads, rank, monkeypatch):
+    model = build_model(k2_tiny(num_attention_heads=heads, kv_lora_rank=rank), dtype=torch.bfloat16, seed=1).eval()
     mla = model.model.layers[0].self_attn
     g = torch.Generator().manual_seed(sum(lengths))
     W = mla.kv_lora_rank + mla.qk_rope_head_dim
@@ -103,3 +104,18 @@ def test_packed_single_row_decode_steps_are_close_to_the_plain_model(family):
     err_packed = (logits["packed"] - logits["fp32"]).abs().max()
     assert err_packed <= 2 * err_plain + 1e-3
     assert (logits["packed"] - logits["plain"]).abs().max() <= 4 * err_plain + 1e-3
+
+
+def test_rms_norm_matches_the_model_norm():
+    from kimi.model.layers import RMSNorm
+
+    g = torch.Generator().manual_seed(0)
+    for d in (5, 64, 768):
+        norm = RMSNorm(d, 1e-6).bfloat16()
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(d, generator=g))
+        x = (torch.randn(3, d, generator=g) * 7).bfloat16()
+        with torch.inference_mode():
+            got, want = cpu_kernels.rms_norm(x, norm.weight, 1e-6), norm(x)
+        assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
+        assert (got == want).float().mean() > 0.95

@@ -146,6 +146,49 @@ int kimi_gemv_bf16(const uint16_t *x, int64_t M, int64_t K, const uint16_t *W, i
     return 0;
 }
 
+
+#define HB 8  // heads per register block in the attention loops below
+
+// dots of one context row with HB heads' queries at once: out[j] = q[j * W :] . row; q fp32 [HB, W], row bf16 [W].
+// The row is converted once for all HB heads (per head, it was converted HB times).
+static inline void dots_block(const float *q, int64_t W, const uint16_t *row, float *out) {
+    __m512 acc[HB];
+    for (int j = 0; j < HB; j++) acc[j] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= W; i += 16) {
+        const __m512 x = load_bf16(row + i);
+        for (int j = 0; j < HB; j++) acc[j] = _mm512_fmadd_ps(_mm512_loadu_ps(q + j * W + i), x, acc[j]);
+    }
+    if (i < W) {
+        const __mmask16 t = tail_mask(W);
+        const __m512 x = load_bf16_tail(row + i, t);
+        for (int j = 0; j < HB; j++) acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(t, q + j * W + i), x, acc[j]);
+    }
+    for (int j = 0; j < HB; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+// o[j * r + c ..+32] = sum_s p[j * n + s] * row_s[c ..+32] for HB heads, 32 columns at a time: 2 x HB accumulators
+// stay in registers while the rows stream by (per head and row, it was a load, FMA and store of o per 16 values).
+// Columns past the last multiple of 32 are left to the caller.
+static inline void weighted_rows_block(const float *p, int64_t n, const uint16_t *const *rowp, int64_t r, float *o) {
+    for (int64_t c = 0; c + 32 <= r; c += 32) {
+        __m512 a0[HB], a1[HB];
+        for (int j = 0; j < HB; j++) a0[j] = a1[j] = _mm512_setzero_ps();
+        for (int64_t s = 0; s < n; s++) {
+            const __m512 x0 = load_bf16(rowp[s] + c), x1 = load_bf16(rowp[s] + c + 16);
+            for (int j = 0; j < HB; j++) {
+                const __m512 pj = _mm512_set1_ps(p[j * n + s]);
+                a0[j] = _mm512_fmadd_ps(pj, x0, a0[j]);
+                a1[j] = _mm512_fmadd_ps(pj, x1, a1[j]);
+            }
+        }
+        for (int j = 0; j < HB; j++) {
+            _mm512_storeu_ps(o + j * r + c, a0[j]);
+            _mm512_storeu_ps(o + j * r + c + 16, a1[j]);
+        }
+    }
+}
+
 // MLA's absorbed decode (k2.md §2.3) for B single-token queries over a paged latent cache, one call per layer:
 //   q_lat = W_UK^T q_nope; score_s = scale * [q_lat, q_pe] . cache[row_s]; p = softmax(score);
 //   o_lat = sum_s p_s cache[row_s][:r]; out = W_UV o_lat.
@@ -164,8 +207,11 @@ int kimi_mla_decode_bf16(const uint16_t *q_nope, const uint16_t *q_pe, const uin
     for (int64_t b = 0; b < B; b++) {
         const int64_t n = lengths[b];
         float *q = (float *)malloc((size_t)(H * W + H * n + H * r) * sizeof(float));
-        if (!q) { failed = 1; continue; }
+        const uint16_t **rowp = (const uint16_t **)malloc((size_t)(n > 0 ? n : 1) * sizeof(*rowp));
+        if (!q || !rowp) { free(q); free(rowp); failed = 1; continue; }
         float *score = q + H * W, *o = score + H * n;  // [H, W], [H, n], [H, r]
+        for (int64_t s = 0; s < n; s++) rowp[s] = cache + (rows ? rows[b * S + s] : start + s) * W;
+        const int64_t HB_END = H - H % HB, R32 = r - r % 32;  // heads and columns the register blocks cover
         for (int64_t h = 0; h < H; h++) {
             float *qh = q + h * W;
             for (int64_t j = 0; j < r; j++) qh[j] = 0.0f;
@@ -175,17 +221,27 @@ int kimi_mla_decode_bf16(const uint16_t *q_nope, const uint16_t *q_pe, const uin
             for (int64_t j = 0; j < rope; j++) qh[r + j] = from_bf16(q_pe[(b * H + h) * rope + j]);
         }
         for (int64_t s = 0; s < n; s++) {
-            const uint16_t *row = cache + (rows ? rows[b * S + s] : start + s) * W;
-            for (int64_t h = 0; h < H; h++) score[h * n + s] = round_bf16(dot_f32_bf16(q + h * W, row, W)) * scale;
+            float dots[HB];
+            for (int64_t h = 0; h < HB_END; h += HB) {
+                dots_block(q + h * W, W, rowp[s], dots);
+                for (int j = 0; j < HB; j++) score[(h + j) * n + s] = round_bf16(dots[j]) * scale;
+            }
+            for (int64_t h = HB_END; h < H; h++) score[h * n + s] = round_bf16(dot_f32_bf16(q + h * W, rowp[s], W)) * scale;
         }
         for (int64_t h = 0; h < H; h++) {
             softmax(score + h * n, n);
             for (int64_t s = 0; s < n; s++) score[h * n + s] = round_bf16(score[h * n + s]);
             for (int64_t j = 0; j < r; j++) o[h * r + j] = 0.0f;
         }
-        for (int64_t s = 0; s < n; s++) {
-            const uint16_t *row = cache + (rows ? rows[b * S + s] : start + s) * W;
-            for (int64_t h = 0; h < H; h++) axpy_bf16(o + h * r, score[h * n + s], row, r);
+        for (int64_t h = 0; h < HB_END; h += HB) weighted_rows_block(score + h * n, n, rowp, r, o + h * r);
+        for (int64_t s = 0; s < n; s++) {  // what the blocks leave: heads past HB_END, columns past R32
+            for (int64_t h = 0; h < H; h++) {
+                if (h < HB_END) {
+                    if (R32 < r) axpy_bf16(o + h * r + R32, score[h * n + s], rowp[s] + R32, r - R32);
+                } else {
+                    axpy_bf16(o + h * r, score[h * n + s], rowp[s], r);
+                }
+            }
         }
         for (int64_t h = 0; h < H; h++) {
             float *oh = o + h * r;
@@ -194,6 +250,27 @@ int kimi_mla_decode_bf16(const uint16_t *q_nope, const uint16_t *q_pe, const uin
                 out[(b * H + h) * v + j] = to_bf16(dot_f32_bf16(oh, kv_b + (h * (nope + v) + nope + j) * r, r));
         }
         free(q);
+        free(rowp);
     }
     return failed ? -1 : 0;
+}
+
+// RMSNorm of M rows of D values, as model/layers.py's RMSNorm computes it: y = w * bf16(x / sqrt(mean(x^2) + eps)),
+// the normalisation in fp32, rounded to bf16 before the weight (bf16 too) multiplies it; x, w, y bf16.
+void kimi_rmsnorm_bf16(const uint16_t *x, int64_t M, int64_t D, const uint16_t *w, float eps, uint16_t *y) {
+    for (int64_t m = 0; m < M; m++) {
+        const uint16_t *xm = x + m * D;
+        __m512 acc = _mm512_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= D; i += 16) {
+            __m512 v = load_bf16(xm + i);
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        if (i < D) {
+            __m512 v = load_bf16_tail(xm + i, tail_mask(D));
+            acc = _mm512_fmadd_ps(v, v, acc);
+        }
+        const float r = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)D + eps);
+        for (i = 0; i < D; i++) y[m * D + i] = to_bf16(from_bf16(w[i]) * round_bf16(from_bf16(xm[i]) * r));
+    }
 }

@@ -74,6 +74,8 @@ def _library() -> ctypes.CDLL | None:
     lib.kimi_mla_decode_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64,
                                          ctypes.c_float, ptr, ctypes.c_int]
     lib.kimi_mla_decode_bf16.restype = ctypes.c_int
+    lib.kimi_rmsnorm_bf16.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
+    lib.kimi_rmsnorm_bf16.restype = None
     return lib
 
 
@@ -129,3 +131,19 @@ def mla_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
                                 mla.kv_lora_rank, mla.scale, out.data_ptr(), torch.get_num_threads()):
         raise MemoryError("mla_decode could not allocate its scratch memory")
     return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """model/layers.py's RMSNorm in one call: x [..., D] bf16, weight [D] bf16 -> [..., D] bf16."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("kimi's C kernels are not available here (see kimi/ops/cpu_kernels.py)")
+    D = x.shape[-1]
+    if not (x.dtype == weight.dtype == torch.bfloat16 and weight.shape == (D,) and x.device.type == "cpu"
+            and weight.is_contiguous()):
+        raise ValueError(f"rms_norm wants x [..., D] and a contiguous weight [D], bf16 on the CPU; got x "
+                         f"{tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    x = x.contiguous()
+    y = torch.empty_like(x)
+    lib.kimi_rmsnorm_bf16(x.data_ptr(), x.numel() // D, D, weight.data_ptr(), eps, y.data_ptr())
+    return y
