@@ -119,3 +119,37 @@ def test_rms_norm_matches_the_model_norm():
             got, want = cpu_kernels.rms_norm(x, norm.weight, 1e-6), norm(x)
         assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
         assert (got == want).float().mean() > 0.95
+
+
+def test_swiglu_matches_the_torch_single_row_path():
+    g = torch.Generator().manual_seed(0)
+    D, I = 96, 40
+    x = torch.randn(1, D, generator=g).bfloat16()
+    gate_up = (torch.randn(2 * I, D, generator=g) * 0.2).bfloat16()
+    down = (torch.randn(D, I, generator=g) * 0.2).bfloat16()
+    gu = cpu_kernels.gemv(x, gate_up)
+    want = cpu_kernels.gemv(F.silu(gu[:, :I]) * gu[:, I:], down)  # what PackedExperts.expert does for one row
+    got = cpu_kernels.swiglu(x, gate_up, down)
+    assert got.shape == (1, D) and (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
+    total = torch.ones(1, D)
+    assert cpu_kernels.swiglu(x, gate_up, down, 0.37, total) is None
+    assert torch.allclose(total, 1 + (got * torch.tensor([[0.37]])).bfloat16().float(), atol=1e-2)
+
+
+@pytest.mark.parametrize("groups", [(1, 1), (4, 2)])
+def test_route_one_picks_the_routers_experts(groups):
+    from kimi.model.moe import Router
+
+    n_group, topk_group = groups
+    cfg = k2_tiny(n_routed_experts=16, num_experts_per_tok=4, n_group=n_group, topk_group=topk_group)
+    router = Router(cfg).bfloat16()
+    g = torch.Generator().manual_seed(n_group)
+    with torch.no_grad():
+        router.weight.copy_(torch.randn(router.weight.shape, generator=g))
+        router.e_score_correction_bias.copy_(torch.randn(16, generator=g) * 0.1)
+    for _ in range(20):
+        x = torch.randn(1, cfg.hidden_size, generator=g).bfloat16()
+        want_idx, want_w = router(x)
+        got_idx, got_w = cpu_kernels.route_one(router, x)
+        assert torch.equal(got_idx, want_idx)  # best first, as topk orders them
+        assert torch.allclose(got_w, want_w, rtol=1e-5)

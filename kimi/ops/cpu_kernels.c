@@ -274,3 +274,73 @@ void kimi_rmsnorm_bf16(const uint16_t *x, int64_t M, int64_t D, const uint16_t *
         for (i = 0; i < D; i++) y[m * D + i] = to_bf16(from_bf16(w[i]) * round_bf16(from_bf16(xm[i]) * r));
     }
 }
+
+// One SwiGLU expert on one token: y = down(silu(g) * u) with [g; u] = gate_up x, rounded to bf16 wherever torch's
+// bf16 single-row path rounds (g and u, silu(g), the product, y), then either written to y (bf16) or, when total
+// is given, added to it as total[d] += bf16(y[d] * w) in fp32 (model/moe.py's Experts._one_token).
+// x [D], gate_up [2I, D], down [D, I]; returns 0, or -1 when scratch memory could not be allocated.
+int kimi_swiglu_one_bf16(const uint16_t *x, int64_t D, const uint16_t *gate_up, const uint16_t *down, int64_t I,
+                         float w, float *total, uint16_t *y) {
+    float *buf = (float *)malloc((size_t)(D + I) * sizeof(float));
+    uint16_t *tmp = (uint16_t *)malloc((size_t)(2 * I > D ? 2 * I : D) * sizeof(uint16_t));
+    if (!buf || !tmp) { free(buf); free(tmp); return -1; }
+    float *xf = buf, *h = buf + D;
+    for (int64_t i = 0; i < D; i++) xf[i] = from_bf16(x[i]);
+    for (int64_t n = 0; n < 2 * I; n++) row(xf, 1, D, gate_up + n * D, 2 * I, n, tmp);  // [g; u] bf16
+    for (int64_t i = 0; i < I; i++) {
+        const float g = from_bf16(tmp[i]);
+        h[i] = round_bf16(round_bf16(g / (1.0f + expf(-g))) * from_bf16(tmp[I + i]));
+    }
+    uint16_t *out = total ? tmp : y;
+    for (int64_t d = 0; d < D; d++) row(h, 1, I, down + d * I, D, d, out);
+    if (total)
+        for (int64_t d = 0; d < D; d++) total[d] += round_bf16(from_bf16(out[d]) * w);
+    free(buf);
+    free(tmp);
+    return 0;
+}
+
+// MoE routing of one token (model/moe.py's Router): s = sigmoid(x W^T) in fp32 over E experts; the choice uses
+// s + bias: with n_group > 1 each group is scored by the sum of its top two and only the best topk_group groups
+// stay; then the k best experts, best first; their weights are the unbiased s, normalised to sum 1 when norm, times
+// scaling. x [D] bf16 (taken to fp32), W [E, D] bf16, bias [E] fp32 -> idx [k], w [k] fp32. E <= 1024.
+void kimi_route_one_bf16(const uint16_t *x, int64_t D, const uint16_t *W, const float *bias, int64_t E,
+                         int64_t n_group, int64_t topk_group, int64_t k, int norm, float scaling, int64_t *idx,
+                         float *w) {
+    float xf[D], s[1024], choice[1024];
+    for (int64_t i = 0; i < D; i++) xf[i] = from_bf16(x[i]);
+    for (int64_t e = 0; e < E; e++) {
+        s[e] = 1.0f / (1.0f + expf(-dot_f32_bf16(xf, W + e * D, D)));
+        choice[e] = s[e] + bias[e];
+    }
+    if (n_group > 1) {
+        const int64_t per = E / n_group;
+        float gscore[1024];
+        for (int64_t g = 0; g < n_group; g++) {
+            float a = -INFINITY, b = -INFINITY;  // the group's two largest
+            for (int64_t e = g * per; e < (g + 1) * per; e++) {
+                if (choice[e] > a) { b = a; a = choice[e]; } else if (choice[e] > b) b = choice[e];
+            }
+            gscore[g] = a + b;
+        }
+        for (int64_t t = 0; t < n_group - topk_group; t++) {  // drop the worst groups, one at a time
+            int64_t worst = -1;
+            for (int64_t g = 0; g < n_group; g++)
+                if (gscore[g] != INFINITY && (worst < 0 || gscore[g] < gscore[worst])) worst = g;
+            gscore[worst] = INFINITY;  // marks it dropped
+            for (int64_t e = worst * per; e < (worst + 1) * per; e++) choice[e] = -INFINITY;
+        }
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < k; j++) {  // best first; ties to the lower id
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++)
+            if (choice[e] != -INFINITY && (best < 0 || choice[e] > choice[best])) best = e;
+        if (best < 0) best = 0;
+        idx[j] = best;
+        w[j] = s[best];
+        sum += s[best];
+        choice[best] = -INFINITY;
+    }
+    for (int64_t j = 0; j < k; j++) w[j] = (norm ? w[j] / (sum + 1e-20f) : w[j]) * scaling;
+}

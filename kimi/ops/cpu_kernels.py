@@ -76,6 +76,11 @@ def _library() -> ctypes.CDLL | None:
     lib.kimi_mla_decode_bf16.restype = ctypes.c_int
     lib.kimi_rmsnorm_bf16.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
     lib.kimi_rmsnorm_bf16.restype = None
+    lib.kimi_swiglu_one_bf16.argtypes = [ptr, i64, ptr, ptr, i64, ctypes.c_float, ptr, ptr]
+    lib.kimi_swiglu_one_bf16.restype = ctypes.c_int
+    lib.kimi_route_one_bf16.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr,
+                                        ptr]
+    lib.kimi_route_one_bf16.restype = None
     return lib
 
 
@@ -147,3 +152,45 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty_like(x)
     lib.kimi_rmsnorm_bf16(x.data_ptr(), x.numel() // D, D, weight.data_ptr(), eps, y.data_ptr())
     return y
+
+
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight: float = 1.0,
+           total: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One SwiGLU MLP on one token, bf16: x [1, D] (or [D]), gate_up [2I, D] (gate rows, then up rows), down [D, I],
+    all contiguous. Without `total`, returns down(silu(g) * u) [1, D] bf16; with `total` (fp32 [1, D], contiguous),
+    adds bf16(y * weight) to it in place and returns None (an MoE's weighted sum over experts)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("kimi's C kernels are not available here (see kimi/ops/cpu_kernels.py)")
+    D, I = x.shape[-1], down.shape[1]
+    if not (x.numel() == D and x.dtype == gate_up.dtype == down.dtype == torch.bfloat16 and gate_up.shape == (2 * I, D)
+            and down.shape == (D, I) and gate_up.is_contiguous() and down.is_contiguous()
+            and (total is None or (total.dtype == torch.float32 and total.numel() == D and total.is_contiguous()))):
+        raise ValueError(f"swiglu wants one bf16 row x [{D}], gate_up [2I, {D}], down [{D}, I], contiguous, and an "
+                         f"fp32 total of {D} values; got x {tuple(x.shape)} {x.dtype}, gate_up {tuple(gate_up.shape)}, "
+                         f"down {tuple(down.shape)}")
+    x = x.contiguous()
+    y = None if total is not None else x.new_empty(1, D)
+    if lib.kimi_swiglu_one_bf16(x.data_ptr(), D, gate_up.data_ptr(), down.data_ptr(), I, weight,
+                                None if total is None else total.data_ptr(), None if y is None else y.data_ptr()):
+        raise MemoryError("swiglu could not allocate its scratch memory")
+    return y
+
+
+def route_one(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """model/moe.py's Router.forward for one bf16 token x [1, D] -> (expert ids [1, k] int64, weights [1, k] fp32)."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("kimi's C kernels are not available here (see kimi/ops/cpu_kernels.py)")
+    weight, bias = router.weight.detach(), router.e_score_correction_bias.float().contiguous()
+    E, D = weight.shape
+    if not (x.numel() == D and x.dtype == weight.dtype == torch.bfloat16 and weight.is_contiguous() and E <= 1024):
+        raise ValueError(f"route_one wants one bf16 row of {D} values and a contiguous bf16 router weight of at most "
+                         f"1024 experts; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    x = x.contiguous()
+    idx = torch.empty(1, router.top_k, dtype=torch.int64)
+    w = torch.empty(1, router.top_k, dtype=torch.float32)
+    lib.kimi_route_one_bf16(x.data_ptr(), D, weight.data_ptr(), bias.data_ptr(), E, router.n_group,
+                            router.topk_group, router.top_k, int(router.norm_topk_prob), router.scaling,
+                            idx.data_ptr(), w.data_ptr())
+    return idx, w

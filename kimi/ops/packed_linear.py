@@ -11,11 +11,12 @@ and single rows go through it. Its sums run in a different order, so those rows 
 rounding, not bit for bit (tests/test_cpu_kernels.py).
 
 `pack_for_cpu(model)` swaps, in place, every bf16 CPU `nn.Linear` for a `PackedLinear`, every stack of routed
-experts for `PackedExperts` and, where the C kernels run, every RMSNorm for a `OneRowRMSNorm`. The model becomes
+experts for `PackedExperts` and, where the C kernels run, every RMSNorm, router and SwiGLU MLP for a one-row variant
+that runs a single token's norm, routing or MLP as one C call (kimi/ops/cpu_kernels.py). The model becomes
 inference-only: a packed weight is an opaque oneDNN tensor, it has no gradient, and it is not in the state dict
 (kimi.model.loader.save_model refuses a packed model). Left as they are: MLA's kv_b_proj (its weight is read
-directly by the absorbed decode form), a tied lm_head (its weight is the embedding table), the router (it runs in
-fp32), and quantised experts.
+directly by the absorbed decode form), a tied lm_head (its weight is the embedding table), the router's weight (it
+runs in fp32), and quantised experts.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi.model.layers import RMSNorm
-from kimi.model.moe import Experts
+from kimi.model.layers import MLP, RMSNorm
+from kimi.model.moe import Experts, Router
 from kimi.ops import cpu_kernels
 
 UNPACKED = ("kv_b_proj",)  # children whose .weight other code reads
@@ -95,6 +96,47 @@ class PackedExperts(Experts):
             return cpu_kernels.gemv(F.silu(g) * u, self.down_plain[e])
         return _linear(F.silu(_linear(x, self.gate[e])) * _linear(x, self.up[e]), self.down[e])
 
+    def _one_token(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Experts._one_token with each expert and its weighted add as one C call (same roundings)."""
+        if not _one_row(x, self.down_plain[0]):
+            return super()._one_token(x, idx, w)
+        ids, ws = idx[0].tolist(), w[0].tolist()
+        total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+        for j in sorted(range(len(ids)), key=ids.__getitem__):
+            cpu_kernels.swiglu(x, self.gate_up_plain[ids[j]], self.down_plain[ids[j]], ws[j], total)
+        return total.to(x.dtype)
+
+
+class OneRowMLP(MLP):
+    """A packed SwiGLU MLP (shared experts, dense layers) whose single rows run as one C call."""
+
+    def __init__(self, mlp: MLP):
+        nn.Module.__init__(self)
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.gate_up_plain = torch.cat([mlp.gate_proj.plain, mlp.up_proj.plain])  # [2I, D]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _one_row(x, self.down_proj.plain):
+            return cpu_kernels.swiglu(x, self.gate_up_plain, self.down_proj.plain).view(x.shape)
+        return super().forward(x)
+
+
+class OneRowRouter(Router):
+    """The router, with a single bf16 token routed in one C call (sigmoid scores, grouped top-k, weights)."""
+
+    def __init__(self, router: Router):
+        nn.Module.__init__(self)
+        for name in ("top_k", "n_group", "topk_group", "norm_topk_prob", "scaling"):
+            setattr(self, name, getattr(router, name))
+        self.weight = router.weight
+        self.register_buffer("e_score_correction_bias", router.e_score_correction_bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if (x.shape[0] == 1 and x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+                and self.weight.shape[0] <= 1024 and cpu_kernels.available()):
+            return cpu_kernels.route_one(self, x)
+        return super().forward(x)
+
 
 class OneRowRMSNorm(RMSNorm):
     """RMSNorm whose single bf16 rows run as one C call (~5 us instead of ~24 us of torch ops at D 768; the same
@@ -129,9 +171,17 @@ def pack_for_cpu(model: nn.Module) -> int:
                 setattr(parent, name, PackedExperts(child))
             elif type(child) is RMSNorm and cpu_kernels.available():
                 setattr(parent, name, OneRowRMSNorm(child))
+            elif type(child) is Router and child.weight.dtype == torch.bfloat16 and cpu_kernels.available():
+                setattr(parent, name, OneRowRouter(child))
             else:
                 continue
             changed += 1
+    for parent in list(model.modules()):  # MLPs once their linears are packed
+        for name, child in list(parent.named_children()):
+            if type(child) is MLP and isinstance(child.gate_proj, PackedLinear) and child.gate_proj.plain is not None \
+                    and isinstance(child.up_proj, PackedLinear) and isinstance(child.down_proj, PackedLinear):
+                setattr(parent, name, OneRowMLP(child))
+                changed += 1
     return changed
 
 
