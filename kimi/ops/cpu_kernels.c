@@ -1,6 +1,8 @@
 // kimi's C kernels for batch-1 decode on a CPU, where a step is hundreds of small products and torch's per-call cost
 // and bf16 GEMV speed set the pace. Built and loaded by kimi/ops/cpu_kernels.py (plain C with AVX-512F intrinsics;
-// no torch headers, so it compiles in about a second). Every tensor is bf16 stored as uint16, sums are fp32.
+// no torch headers, so it compiles in about a second). Every tensor is bf16 stored as uint16, sums are fp32, and each
+// kernel rounds to bf16 where the torch path it replaces rounds, so the two differ only in fp32 summation order.
+// In file order: gemv, MLA absorbed decode attention, RMSNorm, one token's SwiGLU expert, one token's MoE routing.
 //
 // gemv: y = x W^T. x [M, K], W [N, K] (row-major, one output feature per row), y [M, N].
 // Products are exact in fp32 (bf16 has an 8-bit significand), accumulated in fp32 along K in 4 x 16 lanes, reduced,
@@ -126,9 +128,10 @@ static void row(const float *xf, int64_t M, int64_t K, const uint16_t *w, int64_
     }
 }
 
-int kimi_gemv_supported(void) {
+int kimi_cpu_kernels_supported(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
 }
 
 // returns 0, or -1 when the fp32 copy of x could not be allocated
@@ -226,7 +229,8 @@ int kimi_mla_decode_bf16(const uint16_t *q_nope, const uint16_t *q_pe, const uin
                 dots_block(q + h * W, W, rowp[s], dots);
                 for (int j = 0; j < HB; j++) score[(h + j) * n + s] = round_bf16(dots[j]) * scale;
             }
-            for (int64_t h = HB_END; h < H; h++) score[h * n + s] = round_bf16(dot_f32_bf16(q + h * W, rowp[s], W)) * scale;
+            for (int64_t h = HB_END; h < H; h++)
+                score[h * n + s] = round_bf16(dot_f32_bf16(q + h * W, rowp[s], W)) * scale;
         }
         for (int64_t h = 0; h < H; h++) {
             softmax(score + h * n, n);

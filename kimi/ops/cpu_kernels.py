@@ -1,21 +1,24 @@
-"""kimi's C kernels for CPU decode (cpu_kernels.c, built on first use): a bandwidth-bound bf16 matrix-vector
-product, and MLA's absorbed decode attention over the paged latent cache in one call per layer.
+"""kimi's C kernels for CPU decode (cpu_kernels.c, built on first use).
 
 Batch-1 decode streams every weight from memory once per token, so its speed is the speed of y = x W^T for one
 row of x. On this project's dev CPU (AMD EPYC, AVX-512) one core reads ~26 GB/s, torch's bf16 `F.linear` reaches
-~8 GB/s there and oneDNN's prepacked weights 11-16 GB/s (kimi/ops/packed_linear.py); `gemv` streams the weight row by
-row at 17-24 GB/s (bench/decode_kernels.py measures all three). It computes any number of rows of x correctly but is the
-fast kernel for one: it reads each weight row once and converts it again for every row of x, so from two rows on
-oneDNN's blocked GEMM wins, and packed_linear.py sends only single rows here.
+~8 GB/s there and oneDNN's prepacked weights 11-16 GB/s (kimi/ops/packed_linear.py); `gemv` streams the weight
+row by row at 17-24 GB/s (bench/decode_kernels.py measures all three). It computes any number of rows of x
+correctly but is the fast kernel for one: it reads each weight row once and converts it again for every row of x,
+so from two rows on oneDNN's blocked GEMM wins, and packed_linear.py sends only single rows here.
 
-The rest of a decode step is many small ops at a few microseconds each; MLA attention was the largest group of them:
-four tiny bf16 batched matmuls (~25 us each in torch whatever their size) plus the glue between. `mla_decode` does
-the whole absorbed form for a batch of single-token queries in one call (ops/attention.py's torch path is its twin).
+The rest of a decode step is many small torch ops at a few microseconds each, which at bench size added up to as
+much as the weights' streaming. The largest groups become one call each: `mla_decode`, MLA's absorbed attention for
+a batch of single-token queries (four tiny bf16 batched matmuls at ~25 us each in torch, plus the glue; ops/
+attention.py's torch path is its twin); `rms_norm`; `swiglu`, one token through an expert or shared MLP and, for
+routed experts, its weighted add; `route_one`, the router's scores, grouped top-k and weights. Each rounds to bf16
+where the torch path rounds (tests/test_cpu_kernels.py holds them to it).
 
-The kernels are plain C with AVX-512 intrinsics and no torch headers: gcc builds it in about a second into the user's
-cache directory ($KIMI_CACHE_DIR, else $XDG_CACHE_HOME/kimi, else ~/.cache/kimi), keyed by the source's hash, and
-ctypes loads it (the call releases the GIL). Where there is no compiler, no AVX-512, or the build fails,
-`available()` is False and callers keep their torch paths; `KIMI_CPU_KERNELS=0` turns them off.
+The kernels are plain C with AVX-512 intrinsics and no torch headers: gcc builds them in about a second into the
+user's cache directory ($KIMI_CACHE_DIR, else $XDG_CACHE_HOME/kimi, else ~/.cache/kimi), keyed by the source's
+hash, and ctypes loads them (calls release the GIL). Where there is no compiler, no AVX-512, or the build fails,
+`available()` is False and callers keep their torch paths; `KIMI_CPU_KERNELS=0` turns them off. The choice is made
+once per process and logged (logger "kimi").
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import subprocess
 import tempfile
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+log = logging.getLogger("kimi")
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp", "-shared", "-fPIC"]
 
@@ -60,14 +65,20 @@ def _build() -> Path:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
+    """The loaded kernels, or None (decided once per process, and logged)."""
     if os.environ.get("KIMI_CPU_KERNELS", "1") == "0":
+        log.info("kimi's C CPU kernels: off (KIMI_CPU_KERNELS=0); torch paths")
         return None
     try:
-        lib = ctypes.CDLL(str(_build()))
-    except (OSError, subprocess.SubprocessError):
+        path = _build()
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.info("kimi's C CPU kernels: not built (%s); torch paths", e)
         return None
-    if not lib.kimi_gemv_supported():
+    if not lib.kimi_cpu_kernels_supported():
+        log.info("kimi's C CPU kernels: this CPU lacks AVX-512 (F, BW, VL); torch paths")
         return None
+    log.info("kimi's C CPU kernels: %s", path)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.kimi_gemv_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.kimi_gemv_bf16.restype = ctypes.c_int
