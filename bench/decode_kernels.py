@@ -20,6 +20,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+from engine import K2_BENCH  # bench/engine.py's K2-style model
+
 from kimi.config import ModelConfig
 from kimi.model.mla import MLA
 from kimi.ops import attention, cpu_kernels
@@ -97,9 +99,7 @@ def main():
             print(f"{r['shape'][0]:>6} x {r['shape'][1]:<5} gemv {g['gemv']:5.1f} GB/s  oneDNN packed "
                   f"{g['onednn_packed']:5.1f}  F.linear {g['F.linear']:5.1f}  ({r['gemv_vs_packed']:.2f}x packed)"
                   f"{'' if r['gemv_correct'] else '  WRONG'}")
-        cfg = ModelConfig.from_dict({"model_type": "deepseek_v3", "vocab_size": 64, "hidden_size": 768,
-                                     "num_attention_heads": 8, "q_lora_rank": 384, "kv_lora_rank": 256,
-                                     "qk_nope_head_dim": 64, "qk_rope_head_dim": 32, "v_head_dim": 64})
+        cfg = ModelConfig.from_dict(K2_BENCH)
         mla = MLA(cfg, 0).bfloat16()
         torch.nn.init.normal_(mla.kv_b_proj.weight, std=0.05)
         res["mla_decode"] = [attention_row(mla, c) for c in CONTEXTS]
