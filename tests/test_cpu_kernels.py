@@ -153,3 +153,15 @@ def test_route_one_picks_the_routers_experts(groups):
         got_idx, got_w = cpu_kernels.route_one(router, x)
         assert torch.equal(got_idx, want_idx)  # best first, as topk orders them
         assert torch.allclose(got_w, want_w, rtol=1e-5)
+
+
+def test_without_a_compiler_or_when_turned_off_the_torch_paths_run(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    probe = "from kimi.ops import cpu_kernels; print(cpu_kernels.available())"
+    for env in ({"KIMI_CPU_KERNELS": "0"}, {"CC": "false", "KIMI_CACHE_DIR": str(tmp_path)}):  # `false` fails the build
+        out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **env}, capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.strip() == "False", (env, out.stderr)

@@ -100,13 +100,18 @@ def available() -> bool:
     return _library() is not None
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [..., K] bf16 on the CPU, weight [N, K] bf16 contiguous -> x W^T [..., N] bf16 (fp32 sums, rounded once).
-    Raises RuntimeError where the kernel is not available (check available() first)."""
+def _loaded() -> ctypes.CDLL:
     lib = _library()
     if lib is None:
         raise RuntimeError("kimi's C kernels are not available here (they need AVX-512 and a C compiler; see "
                            "kimi/ops/cpu_kernels.py)")
+    return lib
+
+
+def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] bf16 on the CPU, weight [N, K] bf16 contiguous -> x W^T [..., N] bf16 (fp32 sums, rounded once).
+    Like every kernel here, raises RuntimeError where the kernels are not available (check available() first)."""
+    lib = _loaded()
     N, K = weight.shape
     if (x.shape[-1] != K or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or x.device.type != "cpu"
             or weight.device.type != "cpu" or not weight.is_contiguous()):
@@ -126,9 +131,7 @@ def mla_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     """Absorbed MLA attention of B single-token queries, bf16 on the CPU: q_nope [B, 1, H, nope], q_pe [B, 1, H,
     rope]; cache [R, W] (one layer's latent rows); rows: [B, S] cache rows of each context, or a slice of
     consecutive rows (B = 1); lengths [B] int64 (sequence b attends rows[b, :lengths[b]]) -> [B, 1, H, v]."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("kimi's C kernels are not available here (see kimi/ops/cpu_kernels.py)")
+    lib = _loaded()
     B, _, H, nope = q_nope.shape
     weight = mla.kv_b_proj.weight
     if not (q_nope.dtype == q_pe.dtype == cache.dtype == weight.dtype == torch.bfloat16 and cache.is_contiguous()
@@ -151,9 +154,7 @@ def mla_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """model/layers.py's RMSNorm in one call: x [..., D] bf16, weight [D] bf16 -> [..., D] bf16."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("kimi's C kernels are not available here (see kimi/ops/cpu_kernels.py)")
+    lib = _loaded()
     D = x.shape[-1]
     if not (x.dtype == weight.dtype == torch.bfloat16 and weight.shape == (D,) and x.device.type == "cpu"
             and weight.is_contiguous()):
@@ -170,9 +171,7 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight: f
     """One SwiGLU MLP on one token, bf16: x [1, D] (or [D]), gate_up [2I, D] (gate rows, then up rows), down [D, I],
     all contiguous. Without `total`, returns down(silu(g) * u) [1, D] bf16; with `total` (fp32 [1, D], contiguous),
     adds bf16(y * weight) to it in place and returns None (an MoE's weighted sum over experts)."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("kimi's C kernels are not available here (see kimi/ops/cpu_kernels.py)")
+    lib = _loaded()
     D, I = x.shape[-1], down.shape[1]
     if not (x.numel() == D and x.dtype == gate_up.dtype == down.dtype == torch.bfloat16 and gate_up.shape == (2 * I, D)
             and down.shape == (D, I) and gate_up.is_contiguous() and down.is_contiguous()
@@ -190,9 +189,7 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight: f
 
 def route_one(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """model/moe.py's Router.forward for one bf16 token x [1, D] -> (expert ids [1, k] int64, weights [1, k] fp32)."""
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("kimi's C kernels are not available here (see kimi/ops/cpu_kernels.py)")
+    lib = _loaded()
     weight, bias = router.weight.detach(), router.e_score_correction_bias.float().contiguous()
     E, D = weight.shape
     if not (x.numel() == D and x.dtype == weight.dtype == torch.bfloat16 and weight.is_contiguous() and E <= 1024):

@@ -114,6 +114,7 @@ class OneRowMLP(MLP):
         nn.Module.__init__(self)
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.gate_up_plain = torch.cat([mlp.gate_proj.plain, mlp.up_proj.plain])  # [2I, D]
+        mlp.gate_proj.plain = mlp.up_proj.plain = None  # single rows no longer reach them: not a third copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _one_row(x, self.down_proj.plain):
