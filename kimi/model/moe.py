@@ -88,8 +88,12 @@ class Experts(nn.Module):
         ids = idx[0].tolist()
         total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for j in sorted(range(len(ids)), key=ids.__getitem__):
-            total += (self.expert(ids[j], x) * w[:, j:j + 1]).to(x.dtype)
+            self._accumulate(ids[j], x, w[:, j:j + 1], total)
         return total.to(x.dtype)
+
+    def _accumulate(self, e: int, x: torch.Tensor, weight: torch.Tensor, total: torch.Tensor) -> None:
+        """One term of _one_token's sum: total [1, D] fp32 += round(expert_e(x) * weight [1, 1] fp32)."""
+        total += (self.expert(e, x) * weight).to(x.dtype)
 
 
 class MoE(nn.Module):

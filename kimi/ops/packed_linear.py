@@ -96,15 +96,12 @@ class PackedExperts(Experts):
             return cpu_kernels.gemv(F.silu(g) * u, self.down_plain[e])
         return _linear(F.silu(_linear(x, self.gate[e])) * _linear(x, self.up[e]), self.down[e])
 
-    def _one_token(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """Experts._one_token with each expert and its weighted add as one C call (same roundings)."""
-        if not _one_row(x, self.down_plain[0]):
-            return super()._one_token(x, idx, w)
-        ids, ws = idx[0].tolist(), w[0].tolist()
-        total = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-        for j in sorted(range(len(ids)), key=ids.__getitem__):
-            cpu_kernels.swiglu(x, self.gate_up_plain[ids[j]], self.down_plain[ids[j]], ws[j], total)
-        return total.to(x.dtype)
+    def _accumulate(self, e: int, x: torch.Tensor, weight: torch.Tensor, total: torch.Tensor) -> None:
+        """Experts._accumulate as one C call (the expert and its weighted add, same roundings)."""
+        if _one_row(x, self.down_plain[e]):
+            cpu_kernels.swiglu(x, self.gate_up_plain[e], self.down_plain[e], float(weight), total)
+        else:
+            super()._accumulate(e, x, weight, total)
 
 
 class OneRowMLP(MLP):
