@@ -14,11 +14,12 @@
 Correctness in the same run: kimi's greedy batch-1 tokens must equal the reference generate's, and the batched
 engine's greedy tokens must equal kimi run one request at a time; speed-ups are reported only when they hold.
 
-    python bench/engine.py [--quick] [--threads N]
+    python bench/engine.py [--quick] [--threads N] [--device cuda]
 
 --quick scales the sizes down (for a shared 2-core CPU box); without it the sizes are the issue's. Prints a table,
 then one JSON line last. Threads default to 1: on a contended 2-core machine idle OpenMP workers make 2 threads
-10-100x slower for small ops, for transformers and kimi alike.
+10-100x slower for small ops, for transformers and kimi alike. --device cuda runs both sides on the GPU (timings
+synchronise the device; the roofline uses the GPU's copy bandwidth); the fp32 correctness checks run there too.
 """
 
 from __future__ import annotations
@@ -70,15 +71,25 @@ class Rows(list):
         super().append(row)
 
 
+DEVICE = torch.device("cpu")  # set from --device in main()
+
+
+def sync():
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 def timed(fn):
+    sync()
     t = time.perf_counter()
     out = fn()
+    sync()
     return time.perf_counter() - t, out
 
 
 def copy_bandwidth() -> float:
     """Bytes read + written per second by a 256 MiB copy_ (best of 5)."""
-    src = torch.empty(256 << 20, dtype=torch.uint8).random_()
+    src = torch.empty(256 << 20, dtype=torch.uint8, device=DEVICE).random_()
     dst = torch.empty_like(src)
     dst.copy_(src)
     best = min(timed(lambda: dst.copy_(src))[0] for _ in range(5))
@@ -100,7 +111,7 @@ def kimi_decode_rate(llm, prompt, n):
 
 
 def hf_decode_rate(hf, prompt, n):
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=DEVICE)
 
     def run(k):
         return hf.generate(ids, max_new_tokens=k, min_new_tokens=k, do_sample=False, pad_token_id=2)
@@ -114,15 +125,16 @@ def hf_decode_rate(hf, prompt, n):
 def hf_generate_one_by_one(hf, prompts, n):
     total = 0.0
     for p in prompts:
-        total += timed(lambda: hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        ids = torch.tensor([p], device=DEVICE)
+        total += timed(lambda: hf.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                            pad_token_id=2))[0]
     return total
 
 
 def hf_generate_padded(hf, prompts, n, pad=2):
     width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=DEVICE)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=DEVICE)
     return timed(lambda: hf.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
                                      pad_token_id=pad))[0]
 
@@ -154,12 +166,12 @@ def correctness(k2: ModelConfig, kl: ModelConfig, prompts: list[list[int]]) -> d
     """The identities the engine guarantees, checked in fp32 on the benchmark's own configs (bf16 argmax over
     near-flat random logits flips with any change of summation order, so bf16 agreement is reported, not asserted):
     batch-1 greedy == the reference generate; batched == each request alone; prefix hit == caching off (hybrid)."""
-    m = build_model(k2, dtype=torch.float32, seed=0).eval()
+    m = build_model(k2, dtype=torch.float32, seed=0, device=DEVICE).eval()
     llm = LLM(m, max_num_seqs=8, max_num_batched_tokens=512, max_model_len=1024, block_size=16)
     ps = [p[:96] for p in prompts[:4]]
     single = llm.generate(ps[:1], greedy(12))[0].token_ids == generate(m, ps[0], 12)[0]
     batched = [o.token_ids for o in llm.generate(ps, greedy(8))] == [generate(m, p, 8)[0] for p in ps]
-    m = build_model(kl, dtype=torch.float32, seed=2).eval()
+    m = build_model(kl, dtype=torch.float32, seed=2, device=DEVICE).eval()
     rng = random.Random(5)
     p = [rng.randrange(3, kl.vocab_size) for _ in range(256)]
     outs = {}
@@ -179,7 +191,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="scaled-down sizes for a small CPU box")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for both sides")
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and cache dtype")
+    ap.add_argument("--device", default="cpu", help="torch device for both sides, e.g. cpu or cuda")
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     q = args.quick
@@ -189,8 +204,10 @@ def main():
     ttft_len = 1024 if q else 4096
     decode_n = 16 if q else 64
     rng = random.Random(0)
-    res: dict = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)",
-                 "dtype": args.dtype, "quick": q}
+    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
+    if DEVICE.type == "cuda":
+        machine = torch.cuda.get_device_name(DEVICE)
+    res: dict = {"machine": machine, "dtype": args.dtype, "quick": q}
     rows = Rows()
 
     # ---- 1-3: the K2-style model, kimi vs transformers -------------------------------------------------------
@@ -198,14 +215,15 @@ def main():
 
     transformers.logging.set_verbosity_error()
     cfg = ModelConfig.from_dict(K2_BENCH)
-    model = build_model(cfg, dtype=dtype, seed=0).eval()
+    model = build_model(cfg, dtype=dtype, seed=0, device=DEVICE).eval()
     tmp = tempfile.mkdtemp()
     save_model(model, tmp)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(DEVICE).eval()
     pc = param_count(cfg)
     # the engine loads the checkpoint as a user's would (and so prepacks bf16 CPU weights, kimi/ops/packed_linear.py);
     # `model` stays the plain reference
-    llm = LLM(tmp, dtype=dtype, max_num_seqs=n_conc, max_num_batched_tokens=2048, max_model_len=2048, block_size=16)
+    llm = LLM(tmp, dtype=dtype, device=DEVICE, max_num_seqs=n_conc, max_num_batched_tokens=2048, max_model_len=2048,
+              block_size=16)
     pack = res["packed_weights"] = is_packed(llm.model)
     prompt = [rng.randrange(3, cfg.vocab_size) for _ in range(64)]
     with torch.inference_mode():
@@ -256,7 +274,7 @@ def main():
     elt = torch.finfo(dtype).bits // 8
     long = {}
     for name, c in (("hybrid", kl), ("all_mla", mla_only)):
-        m = build_model(c, dtype=dtype, seed=1).eval()
+        m = build_model(c, dtype=dtype, seed=1, device=DEVICE).eval()
         eng = LLM(m, max_num_seqs=1, max_num_batched_tokens=4096, max_model_len=max(contexts) + 64, block_size=64,
                   num_blocks=(max(contexts) + 64) // 64 + 1, enable_prefix_caching=False, pack_weights=pack)
         with torch.inference_mode():
@@ -284,13 +302,16 @@ def main():
     ttft = {}
     cached_len = ttft_len * 7 // 8
     for name, c in (("hybrid", kl), ("k2_style", cfg)):
-        m = build_model(c, dtype=dtype, seed=2).eval()
+        m = build_model(c, dtype=dtype, seed=2, device=DEVICE).eval()
         p = [rng.randrange(3, c.vocab_size) for _ in range(ttft_len)]
         times, firsts = {}, {}
         for caching in (True, False):
             eng = LLM(m, max_num_seqs=2, max_num_batched_tokens=8192, max_model_len=ttft_len + 16, block_size=16,
                       enable_prefix_caching=caching, pack_weights=pack)
             with torch.inference_mode():
+                warm = [rng.randrange(3, c.vocab_size) for _ in range(ttft_len)]  # first use of each code path
+                eng.generate([warm[:cached_len]], greedy(1))                      # (lazy CUDA kernel loads)
+                eng.generate([warm], greedy(1))
                 eng.generate([p[:cached_len]], greedy(1))  # an earlier request: the shared prefix
                 t, out = timed(lambda: eng.generate([p], greedy(1)))
             times[caching], firsts[caching] = t, (out[0].token_ids, out[0].num_cached_tokens)

@@ -175,3 +175,15 @@ def test_absorbed_weights_follow_in_place_updates():
         mla.kv_b_proj.weight.mul_(2)
     w_uk2, _ = mla.absorbed_weights()
     assert torch.equal(w_uk2, 2 * w_uk)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", FAMILIES)
+def test_model_on_cuda_has_the_cpu_weights_and_logits(family):
+    cpu, gpu = (build_model(FAMILIES[family](), seed=3, device=d).eval() for d in ("cpu", "cuda"))
+    for (name, a), (_, b) in zip(cpu.state_dict().items(), gpu.state_dict().items()):
+        assert torch.equal(a, b.cpu()), name
+    ids = torch.randint(0, 96, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = cpu(ids), gpu(ids.cuda()).cpu()
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()

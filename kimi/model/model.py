@@ -104,18 +104,22 @@ class Transformer(nn.Module):
         FLA's KDA gate init: A_log = log U(1, 16), dt_bias = softplus^-1 of dt ~ logU(1e-3, 1e-1))."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         std = self.config.initializer_range
+
+        def draw(p):  # drawn on the CPU whatever p's device: one seed gives the same weights on every device
+            return torch.empty(p.shape, dtype=p.dtype, device="cpu")
+
         for module in self.modules():
             for name, p in module.named_parameters(recurse=False):
                 if isinstance(module, KDA) and name == "A_log":
-                    p.copy_(torch.empty_like(p).uniform_(1, 16, generator=gen).log())
+                    p.copy_(draw(p).uniform_(1, 16, generator=gen).log())
                 elif isinstance(module, KDA) and name == "dt_bias":
-                    dt = torch.empty_like(p).uniform_(math.log(1e-3), math.log(1e-1), generator=gen).exp()
+                    dt = draw(p).uniform_(math.log(1e-3), math.log(1e-1), generator=gen).exp()
                     dt = dt.clamp_min(1e-4)
                     p.copy_(dt + torch.log(-torch.expm1(-dt)))
                 elif name == "weight" and p.dim() == 1:
                     p.fill_(1.0)
                 else:
-                    p.copy_(torch.empty_like(p).normal_(0, std, generator=gen))
+                    p.copy_(draw(p).normal_(0, std, generator=gen))
             for name, b in module.named_buffers(recurse=False):
                 b.zero_()
         return self
