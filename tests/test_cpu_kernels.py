@@ -155,6 +155,56 @@ def test_route_one_picks_the_routers_experts(groups):
         assert torch.allclose(got_w, want_w, rtol=1e-5)
 
 
+class PoolCache:
+    """The engine's KDA cache protocol over pools of `slots` rows, B sequences living at rows `rows`."""
+
+    cu_seqlens = None
+
+    def __init__(self, windows, states, rows):
+        self.windows, self.states, self.rows = windows, states, rows
+
+    def kda_state(self, layer):
+        return self.windows[self.rows], self.states[self.rows]
+
+    def set_kda_state(self, layer, conv, state):
+        self.windows[self.rows], self.states[self.rows] = conv, state
+
+    def kda_slots(self, layer):
+        return self.windows, self.states, self.rows
+
+
+@pytest.mark.parametrize("head_dim,B", [(16, 1), (16, 3), (24, 3)])  # 24: the kernel's 16-lane tail
+def test_kda_decode_equals_the_torch_layer(head_dim, B):
+    from kimi.ops.packed_linear import OneRowKDA
+
+    lac = {"kda_layers": [1, 2, 3], "full_attn_layers": [4], "head_dim": head_dim, "num_heads": 4,
+           "short_conv_kernel_size": 4}
+    layer = build_model(kl_tiny(linear_attn_config=lac), dtype=torch.bfloat16, seed=5).model.layers[0].self_attn
+    fast = OneRowKDA(layer)
+    g = torch.Generator().manual_seed(head_dim + B)
+    P = 4 * head_dim
+    windows = torch.randn(6, 3 * P, 3, generator=g).bfloat16()
+    states = torch.randn(6, 4, head_dim, head_dim, generator=g) * 0.3
+    rows = torch.tensor([4, 0, 2][:B])
+    x = torch.randn(B, 1, layer.q_proj.in_features, generator=g).bfloat16()
+    caches = [PoolCache(windows.clone(), states.clone(), rows) for _ in range(2)]
+    with torch.inference_mode():
+        for _ in range(3):  # three steps: the windows slide, the states carry
+            want = layer(x, cache=caches[0])
+            got = fast(x, cache=caches[1])
+            assert got.shape == want.shape == (B, 1, layer.q_proj.in_features)
+            # the same roundings, fp32 summation order aside (bit-equal on these shapes when written)
+            assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
+            assert (got == want).float().mean() > 0.95
+            x = want
+    assert torch.equal(caches[1].windows, caches[0].windows)  # slid in place, other rows untouched
+    assert (caches[1].states - caches[0].states).abs().max() <= 1e-4 * caches[0].states.abs().max()
+    untouched = [r for r in range(6) if r not in rows.tolist()]
+    assert torch.equal(caches[1].states[untouched], states[untouched])
+    with torch.inference_mode(), pytest.raises(ValueError, match="outside"):
+        fast(x, cache=PoolCache(windows.clone(), states.clone(), torch.tensor([6, 0, 1][:B])))
+
+
 def test_without_a_compiler_or_when_turned_off_the_torch_paths_run(tmp_path):
     import os
     import subprocess

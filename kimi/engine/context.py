@@ -74,6 +74,12 @@ class StepContext:
         r = self.pool.row[layer]
         return self.pool.conv[r][self.state_slots], self.pool.state[r][self.state_slots]
 
+    def kda_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The pool's whole window and state tensors of this layer and each sequence's live slot, for in-place
+        decode kernels (ops/packed_linear.py's OneRowKDA)."""
+        r = self.pool.row[layer]
+        return self.pool.conv[r], self.pool.state[r], self.state_slots
+
     def set_kda_state(self, layer: int, conv: torch.Tensor, state: torch.Tensor) -> None:
         r = self.pool.row[layer]
         self.pool.conv[r].index_copy_(0, self.state_slots, conv.to(self.pool.conv.dtype))

@@ -4,6 +4,8 @@ The cache protocol the model's layers call (any object passed as `cache=` to Tra
   mla_attention(mla, q_nope, q_pe, latent) -> o   store the new latent, attend over everything cached (MLA layers)
   kda_state(layer) -> (conv windows, fp32 states)  one row per sequence (KDA layers)
   set_kda_state(layer, conv, state)                 store them back
+  kda_slots(layer) -> (windows, states, rows)       optional: the layer's whole conv-window and state tensors and
+                                                    each sequence's row in them, for in-place decode kernels
   cu_seqlens                                        None (rows are sequences) or [N+1] offsets of packed sequences
   advance(num_tokens)                               called once after each forward
   length                                            tokens already cached (default positions start here)
@@ -26,6 +28,7 @@ class DenseCache:
         self.length = 0  # tokens cached so far; the model advances it after each forward
         width = cfg.kv_lora_rank + cfg.qk_rope_head_dim
         P = cfg.kda_num_heads * cfg.kda_head_dim
+        self.rows = torch.arange(batch_size, device=device)  # row b of the KDA tensors is sequence b
         self.latent: dict[int, torch.Tensor] = {}
         self.conv: dict[int, torch.Tensor] = {}
         self.state: dict[int, torch.Tensor] = {}
@@ -58,6 +61,9 @@ class DenseCache:
     def set_kda_state(self, layer: int, conv: torch.Tensor, state: torch.Tensor) -> None:
         self.conv[layer].copy_(conv)
         self.state[layer].copy_(state)
+
+    def kda_slots(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.conv[layer], self.state[layer], self.rows
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for d in (self.latent, self.conv, self.state) for t in d.values())

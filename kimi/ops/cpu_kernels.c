@@ -2,7 +2,8 @@
 // and bf16 GEMV speed set the pace. Built and loaded by kimi/ops/cpu_kernels.py (plain C with AVX-512F intrinsics;
 // no torch headers, so it compiles in about a second). Every tensor is bf16 stored as uint16, sums are fp32, and each
 // kernel rounds to bf16 where the torch path it replaces rounds, so the two differ only in fp32 summation order.
-// In file order: gemv, MLA absorbed decode attention, RMSNorm, one token's SwiGLU expert, one token's MoE routing.
+// In file order: gemv, MLA absorbed decode attention, RMSNorm, one token's SwiGLU expert, one token's MoE routing,
+// KDA decode of single tokens.
 //
 // gemv: y = x W^T. x [M, K], W [N, K] (row-major, one output feature per row), y [M, N].
 // Products are exact in fp32 (bf16 has an 8-bit significand), accumulated in fp32 along K in 4 x 16 lanes, reduced,
@@ -347,4 +348,100 @@ void kimi_route_one_bf16(const uint16_t *x, int64_t D, const uint16_t *W, const 
         choice[best] = -INFINITY;
     }
     for (int64_t j = 0; j < k; j++) w[j] = (norm ? w[j] / (sum + 1e-20f) : w[j]) * scaling;
+}
+
+// y[j] = a * y[j] for j < n, and acc[j] += b * y[j] (after the scaling); fp32
+static inline void scale_then_axpy(float *y, float a, float b, float *acc, int64_t n) {
+    const __m512 av = _mm512_set1_ps(a), bv = _mm512_set1_ps(b);
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : tail_mask(n - j);
+        __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, y + j), av);
+        _mm512_mask_storeu_ps(y + j, m, s);
+        _mm512_mask_storeu_ps(acc + j, m, _mm512_fmadd_ps(bv, s, _mm512_maskz_loadu_ps(m, acc + j)));
+    }
+}
+
+// y[j] += a * d[j], then acc[j] += b * y[j]; fp32
+static inline void axpy_then_axpy(float *y, float a, const float *d, float b, float *acc, int64_t n) {
+    const __m512 av = _mm512_set1_ps(a), bv = _mm512_set1_ps(b);
+    for (int64_t j = 0; j < n; j += 16) {
+        const __mmask16 m = n - j >= 16 ? (__mmask16)0xffff : tail_mask(n - j);
+        __m512 s = _mm512_fmadd_ps(av, _mm512_maskz_loadu_ps(m, d + j), _mm512_maskz_loadu_ps(m, y + j));
+        _mm512_mask_storeu_ps(y + j, m, s);
+        _mm512_mask_storeu_ps(acc + j, m, _mm512_fmadd_ps(bv, s, _mm512_maskz_loadu_ps(m, acc + j)));
+    }
+}
+
+static inline float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// One head of the causal depthwise short conv for one token, + SiLU, for the n channels from c0 of a [3P]-wide row:
+// y = bf16(silu(bf16(sum_j window[j] w[j]))) over the window [the k-1 previous inputs, this input], fp32 products
+// (model/kda.py's one-token conv); the window then slides by one, in place. Returns y in fp32.
+static void conv_silu(const uint16_t *x, const uint16_t *w, uint16_t *window, int64_t k, int64_t c0, int64_t n,
+                      float *y) {
+    for (int64_t c = c0; c < c0 + n; c++) {
+        uint16_t *win = window + c * (k - 1);
+        const uint16_t *wc = w + c * k;
+        float acc = from_bf16(x[c]) * from_bf16(wc[k - 1]);
+        for (int64_t j = 0; j < k - 1; j++) acc += from_bf16(win[j]) * from_bf16(wc[j]);
+        for (int64_t j = 0; j + 1 < k - 1; j++) win[j] = win[j + 1];
+        if (k > 1) win[k - 2] = x[c];
+        y[c - c0] = round_bf16(silu(round_bf16(acc)));
+    }
+}
+
+// KDA decode of B single tokens, each sequence's short-conv window and fp32 state read and updated in place in the
+// engine's pools (model/kda.py's KDA.forward between its projections and o_proj; the delta rule as ops/kda.py's
+// recurrent form; kda.md §1): per head, q, k, v = silu(conv(.)); q, k L2-normalised (q also times K^-1/2);
+// g = -exp(A_log) softplus(f + dt_bias), beta = sigmoid(b); S = exp(g) * S (per key row), S += k (beta (v - k S)),
+// o = bf16(q S); out = bf16(w * rmsnorm(o) * sigmoid(gate)) per head (GatedRMSNorm).
+// qkv [B, 3P], f [B, P], b [B, H], gate [B, P], conv_w [3P, k], norm_w [V]: bf16; dt_bias [P], A_log [H]: fp32;
+// windows [slots, 3P, k-1] bf16 and states [slots, H, K, V] fp32, indexed by slot [B]; out [B, H V] bf16. K, V <= 256.
+// Returns 0, or -1 (touching nothing) when a slot is outside [0, num_slots).
+int kimi_kda_decode_bf16(const uint16_t *qkv, const uint16_t *f, const uint16_t *b, const uint16_t *gate,
+                         const uint16_t *conv_w, int64_t k, const float *dt_bias, const float *A_log,
+                         const uint16_t *norm_w, float eps, uint16_t *windows, float *states, const int64_t *slot,
+                         int64_t num_slots, int64_t B, int64_t H, int64_t K, int64_t V, uint16_t *out, int threads) {
+    for (int64_t s = 0; s < B; s++)
+        if (slot[s] < 0 || slot[s] >= num_slots) return -1;
+    const int64_t P = H * K;
+    const float scale = 1.0f / sqrtf((float)K);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * H > 1)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t s = bh / H, h = bh % H;
+        float q[256], kk[256], v[256], decay[256], kS[256], o[256];
+        const uint16_t *x = qkv + s * 3 * P;
+        uint16_t *win = windows + slot[s] * 3 * P * (k - 1);
+        conv_silu(x, conv_w, win, k, h * K, K, q);
+        conv_silu(x, conv_w, win, k, P + h * K, K, kk);
+        conv_silu(x, conv_w, win, k, 2 * P + h * V, V, v);
+        float qq = 0.0f, kn = 0.0f;
+        for (int64_t i = 0; i < K; i++) { qq += q[i] * q[i]; kn += kk[i] * kk[i]; }
+        const float qs = (1.0f / sqrtf(qq + 1e-6f)) * scale, ks = 1.0f / sqrtf(kn + 1e-6f);
+        const float a = -expf(A_log[h]);
+        for (int64_t i = 0; i < K; i++) {
+            q[i] *= qs;
+            kk[i] *= ks;
+            const float z = from_bf16(f[s * P + h * K + i]) + dt_bias[h * K + i];
+            decay[i] = expf(a * (z > 20.0f ? z : log1pf(expf(z))));
+        }
+        const float beta = 1.0f / (1.0f + expf(-from_bf16(b[s * H + h])));
+        float *S = states + (slot[s] * H + h) * K * V;  // [K, V]
+        for (int64_t j = 0; j < V; j++) kS[j] = o[j] = 0.0f;
+        for (int64_t i = 0; i < K; i++) scale_then_axpy(S + i * V, decay[i], kk[i], kS, V);
+        for (int64_t j = 0; j < V; j++) kS[j] = beta * (v[j] - kS[j]);  // delta
+        for (int64_t i = 0; i < K; i++) axpy_then_axpy(S + i * V, kk[i], kS, q[i], o, V);
+        float ss = 0.0f;
+        for (int64_t j = 0; j < V; j++) {
+            o[j] = round_bf16(o[j]);
+            ss += o[j] * o[j];
+        }
+        const float r = 1.0f / sqrtf(ss / (float)V + eps);
+        const uint16_t *g = gate + s * P + h * V;
+        for (int64_t j = 0; j < V; j++) {
+            const float sig = 1.0f / (1.0f + expf(-from_bf16(g[j])));
+            out[s * P + h * V + j] = to_bf16(from_bf16(norm_w[j]) * (o[j] * r) * sig);
+        }
+    }
+    return 0;
 }

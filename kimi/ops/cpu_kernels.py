@@ -11,8 +11,10 @@ The rest of a decode step is many small torch ops at a few microseconds each, wh
 much as the weights' streaming. The largest groups become one call each: `mla_decode`, MLA's absorbed attention for
 a batch of single-token queries (four tiny bf16 batched matmuls at ~25 us each in torch, plus the glue; ops/
 attention.py's torch path is its twin); `rms_norm`; `swiglu`, one token through an expert or shared MLP and, for
-routed experts, its weighted add; `route_one`, the router's scores, grouped top-k and weights. Each rounds to bf16
-where the torch path rounds (tests/test_cpu_kernels.py holds them to it).
+routed experts, its weighted add; `route_one`, the router's scores, grouped top-k and weights; `kda_decode`, a KDA
+layer's work between its projections and o_proj for single tokens (short conv, gate, delta rule, gated norm: ~40
+torch ops), reading and updating each sequence's window and state in place in the engine's pools. Each rounds to
+bf16 where the torch path rounds (tests/test_cpu_kernels.py holds them to it).
 
 The kernels are plain C with AVX-512 intrinsics and no torch headers: gcc builds them in about a second into the
 user's cache directory ($KIMI_CACHE_DIR, else $XDG_CACHE_HOME/kimi, else ~/.cache/kimi), keyed by the source's
@@ -92,6 +94,9 @@ def _library() -> ctypes.CDLL | None:
     lib.kimi_route_one_bf16.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr,
                                         ptr]
     lib.kimi_route_one_bf16.restype = None
+    lib.kimi_kda_decode_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_float, ptr, ptr, ptr,
+                                         i64, i64, i64, i64, i64, ptr, ctypes.c_int]
+    lib.kimi_kda_decode_bf16.restype = ctypes.c_int
     return lib
 
 
@@ -202,3 +207,36 @@ def route_one(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
                             router.topk_group, router.top_k, int(router.norm_topk_prob), router.scaling,
                             idx.data_ptr(), w.data_ptr())
     return idx, w
+
+
+def kda_decode(kda, qkv: torch.Tensor, f: torch.Tensor, b: torch.Tensor, gate: torch.Tensor, conv_weight: torch.Tensor,
+               windows: torch.Tensor, states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+    """model/kda.py's KDA layer for B single tokens, from its projections to o_proj's input, bf16 on the CPU:
+    qkv [B, 3P] (q, k, v projections before the conv), f [B, P] (f_b_proj's output), b [B, H] (b_proj's),
+    gate [B, P] (g_b_proj's), conv_weight [3P, k] (the three conv weights stacked); windows [slots, 3P, k-1] bf16 and
+    states [slots, H, K, K] fp32, one layer's pools, updated in place at rows `slots` [B] -> [B, P] bf16."""
+    lib = _loaded()
+    B, H, K = qkv.shape[0], kda.num_heads, kda.head_dim
+    P, k = H * K, kda.conv_size
+    norm_w = kda.o_norm.weight.detach()
+    if not (qkv.shape == (B, 3 * P) and f.shape == gate.shape == (B, P) and b.shape == (B, H) and K <= 256
+            and qkv.dtype == f.dtype == b.dtype == gate.dtype == conv_weight.dtype == windows.dtype == norm_w.dtype
+            == torch.bfloat16 and states.dtype == torch.float32 and conv_weight.shape == (3 * P, k)
+            and windows.shape[1:] == (3 * P, k - 1) and states.shape[1:] == (H, K, K) and slots.shape == (B,)
+            and windows.is_contiguous() and states.is_contiguous() and conv_weight.is_contiguous()
+            and qkv.device.type == windows.device.type == states.device.type == "cpu"):
+        raise ValueError(f"kda_decode wants bf16 qkv [B, {3 * P}], f and gate [B, {P}], b [B, {H}], a contiguous "
+                         f"conv weight [{3 * P}, {k}], contiguous pools windows [slots, {3 * P}, {k - 1}] bf16 and "
+                         f"states [slots, {H}, {K}, {K}] fp32, slots [B], head dim <= 256, on the CPU; got qkv "
+                         f"{tuple(qkv.shape)} {qkv.dtype}, windows {tuple(windows.shape)} {windows.dtype}, states "
+                         f"{tuple(states.shape)} {states.dtype}, slots {tuple(slots.shape)}")
+    qkv, f, b, gate = (t.contiguous() for t in (qkv, f, b, gate))
+    slots = slots.to(torch.int64).contiguous()
+    dt_bias, a_log = kda.dt_bias.detach().float().contiguous(), kda.A_log.detach().float().contiguous()
+    out = qkv.new_empty(B, P)
+    if lib.kimi_kda_decode_bf16(qkv.data_ptr(), f.data_ptr(), b.data_ptr(), gate.data_ptr(), conv_weight.data_ptr(),
+                                k, dt_bias.data_ptr(), a_log.data_ptr(), norm_w.contiguous().data_ptr(),
+                                kda.o_norm.eps, windows.data_ptr(), states.data_ptr(), slots.data_ptr(),
+                                windows.shape[0], B, H, K, K, out.data_ptr(), torch.get_num_threads()):
+        raise ValueError(f"kda_decode: slots {slots.tolist()} outside the pools' {windows.shape[0]} rows")
+    return out

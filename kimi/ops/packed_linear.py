@@ -11,8 +11,8 @@ and single rows go through it. Its sums run in a different order, so those rows 
 rounding, not bit for bit (tests/test_cpu_kernels.py).
 
 `pack_for_cpu(model)` swaps, in place, every bf16 CPU `nn.Linear` for a `PackedLinear`, every stack of routed
-experts for `PackedExperts` and, where the C kernels run, every RMSNorm, router and SwiGLU MLP for a one-row variant
-that runs a single token's norm, routing or MLP as one C call (kimi/ops/cpu_kernels.py). The model becomes
+experts for `PackedExperts` and, where the C kernels run, every RMSNorm, router, SwiGLU MLP and KDA layer for a
+one-row variant that runs a single token's norm, routing, MLP or KDA step as one C call (kimi/ops/cpu_kernels.py). The model becomes
 inference-only: a packed weight is an opaque oneDNN tensor, it has no gradient, and it is not in the state dict
 (kimi.model.loader.save_model refuses a packed model). Left as they are: MLA's kv_b_proj (its weight is read
 directly by the absorbed decode form), a tied lm_head (its weight is the embedding table), the router's weight (it
@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kimi.model.kda import KDA
 from kimi.model.layers import MLP, RMSNorm
 from kimi.model.moe import Experts, Router
 from kimi.ops import cpu_kernels
@@ -150,6 +151,46 @@ class OneRowRMSNorm(RMSNorm):
         return super().forward(x)
 
 
+class OneRowKDA(KDA):
+    """A packed KDA layer whose single-token steps (engine decode, reference generate) run between the projections and
+    o_proj as one C call that updates the cache's conv windows and states in place (cpu_kernels.kda_decode): the
+    torch path is ~40 small ops, plus a gather and a scatter of every sequence's fp32 state through the engine's
+    pool. For one token the six projections that read x are one stacked gemv. Anything else is KDA.forward."""
+
+    def __init__(self, kda: KDA):
+        nn.Module.__init__(self)
+        for name in ("layer_idx", "num_heads", "head_dim", "conv_size"):
+            setattr(self, name, getattr(kda, name))
+        for name, child in kda.named_children():
+            setattr(self, name, child)
+        self.A_log, self.dt_bias = kda.A_log, kda.dt_bias
+        self.conv_weight = torch.cat([kda.q_conv1d.weight, kda.k_conv1d.weight, kda.v_conv1d.weight])[:, 0].detach() \
+            .contiguous()  # [3P, k]
+        inputs = [kda.q_proj, kda.k_proj, kda.v_proj, kda.f_a_proj, kda.g_a_proj, kda.b_proj]
+        self.in_plain = None  # [3P + K + K + H, D]: the six products of x as one weight stream
+        if all(isinstance(m, PackedLinear) and m.plain is not None for m in inputs):
+            self.in_plain = torch.cat([m.plain for m in inputs])
+            for m in inputs:
+                m.plain = None  # single rows no longer reach them: not a second copy
+        self.in_split = [sum(m.out_features for m in inputs[:3]), *(m.out_features for m in inputs[3:])]
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        B, T, D = x.shape
+        if not (T == 1 and cache is not None and cache.cu_seqlens is None and hasattr(cache, "kda_slots")
+                and x.dtype == torch.bfloat16 and x.device.type == "cpu" and cpu_kernels.available()):
+            return super().forward(x, positions, cache)
+        rows = x.view(B, D)
+        if B == 1 and self.in_plain is not None:
+            qkv, f, g, b = cpu_kernels.gemv(rows, self.in_plain).split(self.in_split, dim=-1)
+        else:
+            qkv = torch.cat([self.q_proj(rows), self.k_proj(rows), self.v_proj(rows)], dim=-1)
+            f, g, b = self.f_a_proj(rows), self.g_a_proj(rows), self.b_proj(rows)
+        windows, states, slots = cache.kda_slots(self.layer_idx)
+        o = cpu_kernels.kda_decode(self, qkv, self.f_b_proj(f), b, self.g_b_proj(g), self.conv_weight, windows,
+                                   states, slots)
+        return self.o_proj(o).view(B, 1, D)
+
+
 def pack_for_cpu(model: nn.Module) -> int:
     """Pack `model`'s linears and experts in place (see the module docstring); returns how many modules changed.
     Raises ValueError where packing does not apply (not bf16, not CPU, no oneDNN bf16)."""
@@ -179,6 +220,9 @@ def pack_for_cpu(model: nn.Module) -> int:
             if type(child) is MLP and isinstance(child.gate_proj, PackedLinear) and child.gate_proj.plain is not None \
                     and isinstance(child.up_proj, PackedLinear) and isinstance(child.down_proj, PackedLinear):
                 setattr(parent, name, OneRowMLP(child))
+                changed += 1
+            elif type(child) is KDA and child.o_norm.weight.dtype == torch.bfloat16 and cpu_kernels.available():
+                setattr(parent, name, OneRowKDA(child))
                 changed += 1
     return changed
 
