@@ -71,13 +71,10 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)  # group the N*k (token, slot) pairs by expert
         token = order // k
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        xs = x[token]
-        ys = []
-        start = 0
-        for e, n in enumerate(counts):
-            if n:
-                ys.append(self.expert(e, xs[start:start + n]))
-            start += n
+        # split, not a slice per expert: a slice's backward zero-fills a gradient the size of all N*k rows, once
+        # per expert (~2 ms each at 8,192 x 128 in training); split's backward is one concatenation
+        parts = x[token].split(counts)
+        ys = [self.expert(e, part) for e, part in enumerate(parts) if counts[e]]
         y = (torch.cat(ys) * w.flatten()[order, None]).to(x.dtype)  # weights stay fp32 until here
         return torch.zeros_like(x).index_add_(0, token, y)
 
