@@ -4,7 +4,8 @@
      (kimi/ops/packed_linear.py) vs torch's F.linear, as GB/s of weight read (enough distinct matrices of each shape
      to fill 256 MiB, so the weights come from memory as in decode, not from cache);
   2. MLA absorbed decode attention for one sequence (bench/engine.py's K2-style layer: 8 heads, kv_lora 256, rope
-     32) over contexts of 100 to 2,048 tokens: kimi's one-call kernel vs ops/attention.py's torch path.
+     32) over contexts of 100 to 8,192 tokens: kimi's one-call kernel (with AVX512-BF16 pair dot products where the
+     CPU has them, and in its fp32 form) vs ops/attention.py's torch path.
 Correctness first, in the same run: gemv within one bf16 rounding (plus fp32 summation noise) of an fp32 product,
 the attention kernel within 2^-7 of the torch path's largest output.
 
@@ -28,7 +29,7 @@ from kimi.ops import attention, cpu_kernels
 from kimi.ops.packed_linear import _linear, _pack
 
 SHAPES = [(512, 768), (768, 512), (2048, 768), (768, 2048), (32000, 768)]  # [out, in] as in bench/engine.py's model
-CONTEXTS = [100, 512, 2048]
+CONTEXTS = [100, 512, 2048, 8192]
 
 
 def best_of(fn, repeats=5) -> float:
@@ -72,16 +73,23 @@ def attention_row(mla: MLA, context: int) -> dict:
         finally:
             cpu_kernels.available = available
 
-    def kernel():
-        return cpu_kernels.mla_decode(mla, q_nope, q_pe, cache, rows, mask.sum(1))
+    bf16_dot = cpu_kernels.bf16_dot
+
+    def kernel(pairs=True):  # pairs=False: the fp32 multiply-add form of CPUs without AVX512-BF16
+        cpu_kernels.bf16_dot = bf16_dot if pairs else (lambda: False)
+        try:
+            return cpu_kernels.mla_decode(mla, q_nope, q_pe, cache, rows, mask.sum(1))
+        finally:
+            cpu_kernels.bf16_dot = bf16_dot
 
     want = torch_path().float()
-    ok = bool((kernel().float() - want).abs().max() <= 2 ** -7 * want.abs().max())
-    n = 200
+    ok = all(bool((kernel(p).float() - want).abs().max() <= 2 ** -7 * want.abs().max()) for p in (True, False))
+    n = max(10, 200 * 512 // max(context, 512))
     t_torch = best_of(lambda: [torch_path() for _ in range(n)]) / n
     t_kernel = best_of(lambda: [kernel() for _ in range(n)]) / n
-    return {"context": context, "us": {"kernel": t_kernel * 1e6, "torch": t_torch * 1e6}, "correct": ok,
-            "speedup": t_torch / t_kernel}
+    t_fp32 = best_of(lambda: [kernel(False) for _ in range(n)]) / n
+    return {"context": context, "us": {"kernel": t_kernel * 1e6, "kernel_fp32": t_fp32 * 1e6, "torch": t_torch * 1e6},
+            "bf16_dot": bf16_dot(), "correct": ok, "speedup": t_torch / t_kernel}
 
 
 def main():
@@ -104,8 +112,9 @@ def main():
         torch.nn.init.normal_(mla.kv_b_proj.weight, std=0.05)
         res["mla_decode"] = [attention_row(mla, c) for c in CONTEXTS]
         for r in res["mla_decode"]:
-            print(f"MLA decode, context {r['context']:>5}: kernel {r['us']['kernel']:7.1f} us  torch "
-                  f"{r['us']['torch']:7.1f} us  ({r['speedup']:.2f}x){'' if r['correct'] else '  WRONG'}")
+            print(f"MLA decode, context {r['context']:>5}: kernel {r['us']['kernel']:7.1f} us (fp32 form "
+                  f"{r['us']['kernel_fp32']:7.1f})  torch {r['us']['torch']:7.1f} us  ({r['speedup']:.2f}x)"
+                  f"{'' if r['correct'] else '  WRONG'}")
     print(json.dumps(res))
 
 

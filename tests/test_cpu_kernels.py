@@ -64,7 +64,11 @@ def _torch_path(monkeypatch, fn):
 @pytest.mark.parametrize("lengths,layout", [([1], "rows"), ([40], "rows"), ([300], "rows"), ([7, 1, 130], "rows"),
                                             ([1], "slice"), ([300], "slice")])  # a slice: one sequence's rows
 @pytest.mark.parametrize("heads,rank", [(4, 32), (12, 80)])  # the kernel blocks 8 heads x 32 columns; and the rest
-def test_mla_decode_equals_the_torch_path(lengths, layout, heads, rank, monkeypatch):
+@pytest.mark.parametrize("pairs", [True, False])  # AVX512-BF16 pair dot products, or the fp32 form
+def test_mla_decode_equals_the_torch_path(lengths, layout, heads, rank, pairs, monkeypatch):
+    if pairs and not cpu_kernels.bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16")
+    monkeypatch.setattr(cpu_kernels, "bf16_dot", cpu_kernels.bf16_dot if pairs else (lambda: False))
     model = build_model(k2_tiny(num_attention_heads=heads, kv_lora_rank=rank), dtype=torch.bfloat16, seed=1).eval()
     mla = model.model.layers[0].self_attn
     g = torch.Generator().manual_seed(sum(lengths))

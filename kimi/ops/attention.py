@@ -17,10 +17,12 @@ import torch
 
 from kimi.ops import cpu_kernels
 
-# Longest context the C kernel attends over: 4.7x faster than the torch path at 100 tokens, 1.6x at 2,048 (one core,
-# bench sizes, bench/decode_kernels.py); from a few thousand tokens on torch's GEMMs over the gathered context catch
-# up (the kernel's first version lost from ~3k on), so longer contexts keep the torch path.
-C_KERNEL_MAX_CONTEXT = 2048
+
+def c_kernel_max_context() -> int:
+    """Longest context the C kernel attends over (one core, bench sizes, bench/decode_kernels.py). With AVX512-BF16
+    it beats the torch path 4x at 100 tokens and ~1.2x at 8,192, and ties at 16k; without, its fp32 multiply-adds
+    lose from ~3k tokens on. Longer contexts keep torch's GEMMs over the gathered context."""
+    return 8192 if cpu_kernels.bf16_dot() else 2048
 
 
 def contiguous(table: list[int], num_tokens: int, block_size: int) -> slice | None:
@@ -53,10 +55,10 @@ def paged_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Ten
     row-major as one GEMM per sequence: scores = ctx @ q^T, not q @ ctx^T, which torch runs as a slow per-head
     strided GEMV for bf16 on CPU; and p @ ctx over all W columns, dropping the rope columns of the product
     afterwards (slicing ctx first would make bmm copy the whole context). In bf16 on a CPU with kimi's C kernels the
-    whole form is one call up to C_KERNEL_MAX_CONTEXT tokens (kimi/ops/cpu_kernels.py; no gather, no per-op overhead;
+    whole form is one call up to c_kernel_max_context() tokens (kimi/ops/cpu_kernels.py; no gather, no per-op overhead;
     this code is its twin)."""
-    if (mask.shape[1] <= C_KERNEL_MAX_CONTEXT and cache.dtype == torch.bfloat16 and cache.device.type == "cpu"
-            and cpu_kernels.available()):
+    if (cache.dtype == torch.bfloat16 and cache.device.type == "cpu" and cpu_kernels.available()
+            and mask.shape[1] <= c_kernel_max_context()):
         return cpu_kernels.mla_decode(mla, q_nope, q_pe, cache, rows, mask.sum(1))
     if isinstance(rows, slice):
         ctx = cache[rows][None]  # [1, S, W], in place

@@ -193,18 +193,92 @@ static inline void weighted_rows_block(const float *p, int64_t n, const uint16_t
     }
 }
 
+// The same two blocks with AVX512-BF16's pair dot products (vdpbf16ps: acc += a[2i] b[2i] + a[2i+1] b[2i+1], exact
+// products, fp32 sums), where the CPU has them: the query and the probabilities are already rounded to bf16, so
+// they multiply the bf16 cache rows as they are, with no conversion and half the multiply-adds.
+#define BF16_DOT __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+int kimi_cpu_has_bf16_dot(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+}
+
+static inline __mmask32 tail_mask32(int64_t n) { return (__mmask32)((1ull << (n & 31)) - 1u); }
+
+// dots_block over bf16 queries q16 [HB, W]
+BF16_DOT static inline void dots_block_bf16(const uint16_t *q16, int64_t W, const uint16_t *row, float *out) {
+    __m512 acc[HB];
+    for (int j = 0; j < HB; j++) acc[j] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 32 <= W; i += 32) {
+        const __m512bh x = (__m512bh)_mm512_loadu_si512(row + i);
+        for (int j = 0; j < HB; j++)
+            acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(q16 + j * W + i), x);
+    }
+    if (i < W) {
+        const __mmask32 t = tail_mask32(W - i);
+        const __m512bh x = (__m512bh)_mm512_maskz_loadu_epi16(t, row + i);
+        for (int j = 0; j < HB; j++)
+            acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_maskz_loadu_epi16(t, q16 + j * W + i), x);
+    }
+    for (int j = 0; j < HB; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
+}
+
+// weighted_rows_block over probability pairs p2 [HB, ceil(n / 2)] (bf16 (p_s, p_s+1) packed in 32 bits), two rows per
+// step: the rows' 16-bit values interleaved into (row_s[c], row_s+1[c]) pairs meet each head's pair. Rows go by in
+// tiles small enough to stay in L1 while every 32-column block reads them (a long context read whole once per
+// block came from L3, r / 32 times over). unpacklo/hi interleave within 128-bit lanes, so the accumulators hold
+// each block's columns in the order PERM, undone once at the end; acc [HB, r] fp32 is the scratch they live in.
+BF16_DOT static inline void weighted_rows_block_bf16(const uint32_t *p2, int64_t n, const uint16_t *const *rowp,
+                                                     int64_t r, float *acc, float *o) {
+    static const int PERM[32] = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27,
+                                 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+    const int64_t R32 = r - r % 32, n2 = (n + 1) / 2, TILE = 32;
+    for (int64_t i = 0; i < HB * r; i++) acc[i] = 0.0f;
+    for (int64_t t0 = 0; t0 < n; t0 += TILE) {
+        const int64_t t1 = t0 + TILE < n ? t0 + TILE : n;
+        for (int64_t c = 0; c < R32; c += 32) {
+            __m512 lo[HB], hi[HB];
+            for (int j = 0; j < HB; j++) {
+                lo[j] = _mm512_loadu_ps(acc + j * r + c);
+                hi[j] = _mm512_loadu_ps(acc + j * r + c + 16);
+            }
+            for (int64_t s = t0; s < t1; s += 2) {
+                const __m512i r0 = _mm512_loadu_si512(rowp[s] + c);
+                const __m512i r1 = s + 1 < n ? _mm512_loadu_si512(rowp[s + 1] + c) : _mm512_setzero_si512();
+                const __m512bh xl = (__m512bh)_mm512_unpacklo_epi16(r0, r1);
+                const __m512bh xh = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
+                for (int j = 0; j < HB; j++) {
+                    const __m512bh pj = (__m512bh)_mm512_set1_epi32((int)p2[j * n2 + s / 2]);
+                    lo[j] = _mm512_dpbf16_ps(lo[j], pj, xl);
+                    hi[j] = _mm512_dpbf16_ps(hi[j], pj, xh);
+                }
+            }
+            for (int j = 0; j < HB; j++) {
+                _mm512_storeu_ps(acc + j * r + c, lo[j]);
+                _mm512_storeu_ps(acc + j * r + c + 16, hi[j]);
+            }
+        }
+    }
+    for (int j = 0; j < HB; j++)
+        for (int64_t c = 0; c < R32; c += 32)
+            for (int i = 0; i < 32; i++) o[j * r + c + PERM[i]] = acc[j * r + c + i];
+}
+
 // MLA's absorbed decode (k2.md §2.3) for B single-token queries over a paged latent cache, one call per layer:
 //   q_lat = W_UK^T q_nope; score_s = scale * [q_lat, q_pe] . cache[row_s]; p = softmax(score);
 //   o_lat = sum_s p_s cache[row_s][:r]; out = W_UV o_lat.
 // q_nope [B, H, nope], q_pe [B, H, rope]; kv_b [H, nope + v, r] (kv_b_proj.weight as it is: W_UK rows, then W_UV
 // rows); cache [R, W = r + rope]; rows [B, S] cache rows of each context (or NULL: one sequence at rows start..);
-// lengths [B] (sequence b reads rows[b, :lengths[b]]); out [B, H, v]. q_lat, the scores, p and o_lat are rounded to
+// lengths [B] (sequence b reads rows[b, :lengths[b]]); bf16: use the AVX512-BF16 blocks (the caller checked
+// kimi_cpu_has_bf16_dot); out [B, H, v]. q_lat, the scores, p and o_lat are rounded to
 // bf16 where torch's bf16 products round them (ops/attention.py's torch path), so the two differ only in the order
 // of their fp32 sums. The context is read in place, never gathered; each row is read twice (scores, then o_lat).
 // Returns 0, or -1 when scratch memory could not be allocated.
 int kimi_mla_decode_bf16(const uint16_t *q_nope, const uint16_t *q_pe, const uint16_t *kv_b, const uint16_t *cache,
                          const int64_t *rows, int64_t start, const int64_t *lengths, int64_t B, int64_t S, int64_t H,
-                         int64_t nope, int64_t rope, int64_t v, int64_t r, float scale, uint16_t *out, int threads) {
+                         int64_t nope, int64_t rope, int64_t v, int64_t r, float scale, int bf16, uint16_t *out,
+                         int threads) {
     const int64_t W = r + rope;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && B > 1) reduction(| : failed)
@@ -212,7 +286,20 @@ int kimi_mla_decode_bf16(const uint16_t *q_nope, const uint16_t *q_pe, const uin
         const int64_t n = lengths[b];
         float *q = (float *)malloc((size_t)(H * W + H * n + H * r) * sizeof(float));
         const uint16_t **rowp = (const uint16_t **)malloc((size_t)(n > 0 ? n : 1) * sizeof(*rowp));
-        if (!q || !rowp) { free(q); free(rowp); failed = 1; continue; }
+        // bf16 queries [H, W], probability pairs [H, ceil(n / 2)] and the pair products' scratch [HB, r]
+        uint16_t *q16 = NULL;
+        uint32_t *p2 = NULL;
+        float *pacc = NULL;
+        if (bf16) {
+            q16 = (uint16_t *)malloc((size_t)(H * W) * sizeof(uint16_t));
+            p2 = (uint32_t *)malloc((size_t)(H * ((n + 1) / 2) + 1) * sizeof(uint32_t));
+            pacc = (float *)malloc((size_t)(HB * r) * sizeof(float));
+        }
+        if (!q || !rowp || (bf16 && (!q16 || !p2 || !pacc))) {
+            free(q); free(rowp); free(q16); free(p2); free(pacc);
+            failed = 1;
+            continue;
+        }
         float *score = q + H * W, *o = score + H * n;  // [H, W], [H, n], [H, r]
         for (int64_t s = 0; s < n; s++) rowp[s] = cache + (rows ? rows[b * S + s] : start + s) * W;
         const int64_t HB_END = H - H % HB, R32 = r - r % 32;  // heads and columns the register blocks cover
@@ -224,10 +311,15 @@ int kimi_mla_decode_bf16(const uint16_t *q_nope, const uint16_t *q_pe, const uin
             for (int64_t j = 0; j < r; j++) qh[j] = round_bf16(qh[j]);
             for (int64_t j = 0; j < rope; j++) qh[r + j] = from_bf16(q_pe[(b * H + h) * rope + j]);
         }
+        if (bf16)
+            for (int64_t i = 0; i < H * W; i++) q16[i] = to_bf16(q[i]);  // exact: already bf16 values
         for (int64_t s = 0; s < n; s++) {
             float dots[HB];
             for (int64_t h = 0; h < HB_END; h += HB) {
-                dots_block(q + h * W, W, rowp[s], dots);
+                if (bf16)
+                    dots_block_bf16(q16 + h * W, W, rowp[s], dots);
+                else
+                    dots_block(q + h * W, W, rowp[s], dots);
                 for (int j = 0; j < HB; j++) score[(h + j) * n + s] = round_bf16(dots[j]) * scale;
             }
             for (int64_t h = HB_END; h < H; h++)
@@ -238,7 +330,18 @@ int kimi_mla_decode_bf16(const uint16_t *q_nope, const uint16_t *q_pe, const uin
             for (int64_t s = 0; s < n; s++) score[h * n + s] = round_bf16(score[h * n + s]);
             for (int64_t j = 0; j < r; j++) o[h * r + j] = 0.0f;
         }
-        for (int64_t h = 0; h < HB_END; h += HB) weighted_rows_block(score + h * n, n, rowp, r, o + h * r);
+        if (bf16) {
+            const int64_t n2 = (n + 1) / 2;
+            for (int64_t h = 0; h < H; h++)
+                for (int64_t i = 0; i < n2; i++) {
+                    const float *p = score + h * n + 2 * i;
+                    p2[h * n2 + i] = (uint32_t)to_bf16(p[0]) | (2 * i + 1 < n ? (uint32_t)to_bf16(p[1]) << 16 : 0u);
+                }
+            for (int64_t h = 0; h < HB_END; h += HB)
+                weighted_rows_block_bf16(p2 + h * n2, n, rowp, r, pacc, o + h * r);
+        } else {
+            for (int64_t h = 0; h < HB_END; h += HB) weighted_rows_block(score + h * n, n, rowp, r, o + h * r);
+        }
         for (int64_t s = 0; s < n; s++) {  // what the blocks leave: heads past HB_END, columns past R32
             for (int64_t h = 0; h < H; h++) {
                 if (h < HB_END) {
@@ -256,6 +359,9 @@ int kimi_mla_decode_bf16(const uint16_t *q_nope, const uint16_t *q_pe, const uin
         }
         free(q);
         free(rowp);
+        free(q16);
+        free(p2);
+        free(pacc);
     }
     return failed ? -1 : 0;
 }

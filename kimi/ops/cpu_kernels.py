@@ -85,7 +85,7 @@ def _library() -> ctypes.CDLL | None:
     lib.kimi_gemv_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.kimi_gemv_bf16.restype = ctypes.c_int
     lib.kimi_mla_decode_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64,
-                                         ctypes.c_float, ptr, ctypes.c_int]
+                                         ctypes.c_float, ctypes.c_int, ptr, ctypes.c_int]
     lib.kimi_mla_decode_bf16.restype = ctypes.c_int
     lib.kimi_rmsnorm_bf16.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
     lib.kimi_rmsnorm_bf16.restype = None
@@ -103,6 +103,13 @@ def _library() -> ctypes.CDLL | None:
 def available() -> bool:
     """True where the kernels run: a CPU with AVX-512 (F, BW, VL) and a C compiler that built cpu_kernels.c."""
     return _library() is not None
+
+
+@functools.cache
+def bf16_dot() -> bool:
+    """True where the CPU has AVX512-BF16 pair dot products (vdpbf16ps), which mla_decode uses for its two passes
+    over the context (about 1.6x faster at 2-8k tokens on this project's dev CPU)."""
+    return available() and bool(_loaded().kimi_cpu_has_bf16_dot())
 
 
 def _loaded() -> ctypes.CDLL:
@@ -152,7 +159,8 @@ def mla_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     out = q_nope.new_empty(B, 1, H, mla.v_head_dim)
     if lib.kimi_mla_decode_bf16(q_nope.data_ptr(), q_pe.data_ptr(), weight.data_ptr(), cache.data_ptr(), rows_ptr,
                                 start, lengths.data_ptr(), B, S, H, nope, mla.qk_rope_head_dim, mla.v_head_dim,
-                                mla.kv_lora_rank, mla.scale, out.data_ptr(), torch.get_num_threads()):
+                                mla.kv_lora_rank, mla.scale, int(bf16_dot()), out.data_ptr(),
+                                torch.get_num_threads()):
         raise MemoryError("mla_decode could not allocate its scratch memory")
     return out
 
