@@ -219,3 +219,24 @@ def test_without_a_compiler_or_when_turned_off_the_torch_paths_run(tmp_path):
         out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **env}, capture_output=True, text=True,
                              check=True)
         assert out.stdout.strip() == "False", (env, out.stderr)
+
+
+@pytest.mark.parametrize("family", [k2_tiny, kl_tiny])  # YaRN RoPE and q_lora; NoPE and a plain q_proj
+def test_one_row_mla_projections_equal_the_plain_layer(family):
+    from kimi.ops.packed_linear import OneRowMLA
+
+    plain = build_model(family(), dtype=torch.bfloat16, seed=6).eval()
+    packed = build_model(family(), dtype=torch.bfloat16, seed=6).eval()
+    pack_for_cpu(packed)
+    layer = next(i for i, kind in enumerate(plain.config.layer_types) if kind == "mla")
+    mla, fast = plain.model.layers[layer].self_attn, packed.model.layers[layer].self_attn
+    assert isinstance(fast, OneRowMLA) and fast.in_plain is not None
+    g = torch.Generator().manual_seed(1)
+    with torch.inference_mode():
+        for pos in (0, 5, 300):
+            x = torch.randn(1, 1, plain.config.hidden_size, generator=g).bfloat16()
+            positions = torch.tensor([[pos]])
+            for got, want in zip(fast.project(x, positions), mla.project(x, positions)):
+                assert got.shape == want.shape
+                assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
+                assert (got == want).float().mean() > 0.95  # bit-equal on these shapes when written

@@ -2,8 +2,8 @@
 // and bf16 GEMV speed set the pace. Built and loaded by kimi/ops/cpu_kernels.py (plain C with AVX-512F intrinsics;
 // no torch headers, so it compiles in about a second). Every tensor is bf16 stored as uint16, sums are fp32, and each
 // kernel rounds to bf16 where the torch path it replaces rounds, so the two differ only in fp32 summation order.
-// In file order: gemv, MLA absorbed decode attention, RMSNorm, one token's SwiGLU expert, one token's MoE routing,
-// KDA decode of single tokens.
+// In file order: gemv, MLA absorbed decode attention, RMSNorm, MLA's projection tail for one token, one token's
+// SwiGLU expert, one token's MoE routing, KDA decode of single tokens.
 //
 // gemv: y = x W^T. x [M, K], W [N, K] (row-major, one output feature per row), y [M, N].
 // Products are exact in fp32 (bf16 has an 8-bit significand), accumulated in fp32 along K in 4 x 16 lanes, reduced,
@@ -383,6 +383,34 @@ void kimi_rmsnorm_bf16(const uint16_t *x, int64_t M, int64_t D, const uint16_t *
         }
         const float r = 1.0f / sqrtf(_mm512_reduce_add_ps(acc) / (float)D + eps);
         for (i = 0; i < D; i++) y[m * D + i] = to_bf16(from_bf16(w[i]) * round_bf16(from_bf16(xm[i]) * r));
+    }
+}
+
+// rotate interleaved pairs (x[2j], x[2j+1]) of one bf16 vector by angle j and write them de-interleaved, [rotated
+// evens | rotated odds] (model/layers.py's apply_rope: fp32 products, rounded to bf16 once); cos, sin [dim / 2]
+static void rope_one(const uint16_t *x, int64_t dim, const float *cos, const float *sin, uint16_t *y) {
+    const int64_t half = dim / 2;
+    for (int64_t j = 0; j < half; j++) {
+        const float x1 = from_bf16(x[2 * j]), x2 = from_bf16(x[2 * j + 1]);
+        y[j] = to_bf16(x1 * cos[j] - x2 * sin[j]);
+        y[half + j] = to_bf16(x2 * cos[j] + x1 * sin[j]);
+    }
+}
+
+// The tail of MLA.project for one token, after its products: q [H, nope + rope] (q_b_proj's or q_proj's output),
+// kv [r + rope] (kv_a_proj_with_mqa's) -> q_pe [H, rope] rotated, latent [r + rope] = [RMSNorm(c_kv) | rotated
+// k_pe]. cos, sin [rope / 2] fp32, or NULL for NoPE layers (the rope slices pass through unrotated).
+void kimi_mla_project_one_bf16(const uint16_t *q, int64_t H, int64_t nope, int64_t rope, const uint16_t *kv,
+                               int64_t r, const uint16_t *norm_w, float eps, const float *cos, const float *sin,
+                               uint16_t *q_pe, uint16_t *latent) {
+    kimi_rmsnorm_bf16(kv, 1, r, norm_w, eps, latent);
+    if (cos) {
+        for (int64_t h = 0; h < H; h++) rope_one(q + h * (nope + rope) + nope, rope, cos, sin, q_pe + h * rope);
+        rope_one(kv + r, rope, cos, sin, latent + r);
+    } else {
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t j = 0; j < rope; j++) q_pe[h * rope + j] = q[h * (nope + rope) + nope + j];
+        for (int64_t j = 0; j < rope; j++) latent[r + j] = kv[r + j];
     }
 }
 

@@ -11,7 +11,8 @@ The rest of a decode step is many small torch ops at a few microseconds each, wh
 much as the weights' streaming. The largest groups become one call each: `mla_decode`, MLA's absorbed attention for
 a batch of single-token queries (four tiny bf16 batched matmuls at ~25 us each in torch, plus the glue; ops/
 attention.py's torch path is its twin); `rms_norm`; `swiglu`, one token through an expert or shared MLP and, for
-routed experts, its weighted add; `route_one`, the router's scores, grouped top-k and weights; `kda_decode`, a KDA
+routed experts, its weighted add; `route_one`, the router's scores, grouped top-k and weights; `mla_project_one`,
+the norm, rotations and latent of MLA's projections for one token; `kda_decode`, a KDA
 layer's work between its projections and o_proj for single tokens (short conv, gate, delta rule, gated norm: ~40
 torch ops), reading and updating each sequence's window and state in place in the engine's pools. Each rounds to
 bf16 where the torch path rounds (tests/test_cpu_kernels.py holds them to it).
@@ -97,6 +98,8 @@ def _library() -> ctypes.CDLL | None:
     lib.kimi_kda_decode_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_float, ptr, ptr, ptr,
                                          i64, i64, i64, i64, i64, ptr, ctypes.c_int]
     lib.kimi_kda_decode_bf16.restype = ctypes.c_int
+    lib.kimi_mla_project_one_bf16.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_float, ptr, ptr, ptr, ptr]
+    lib.kimi_mla_project_one_bf16.restype = None
     return lib
 
 
@@ -108,7 +111,7 @@ def available() -> bool:
 @functools.cache
 def bf16_dot() -> bool:
     """True where the CPU has AVX512-BF16 pair dot products (vdpbf16ps), which mla_decode uses for its two passes
-    over the context (about 1.6x faster at 2-8k tokens on this project's dev CPU)."""
+    over the context (1.5-1.6x faster than its fp32 form at 2-8k tokens on this project's dev CPU)."""
     return available() and bool(_loaded().kimi_cpu_has_bf16_dot())
 
 
@@ -177,6 +180,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     y = torch.empty_like(x)
     lib.kimi_rmsnorm_bf16(x.data_ptr(), x.numel() // D, D, weight.data_ptr(), eps, y.data_ptr())
     return y
+
+
+def mla_project_one(mla, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
+    """The tail of model/mla.py's MLA.project for one token, bf16: q [H * (nope + rope)] (q_b_proj's or q_proj's
+    output), kv [r + rope] (kv_a_proj_with_mqa's), cos/sin [rope / 2] fp32 (None: NoPE) -> q_nope [1, 1, H, nope],
+    q_pe [1, 1, H, rope] (rotated), latent [1, 1, r + rope] (kv_a_layernorm(c_kv), then the rotated k_pe)."""
+    lib = _loaded()
+    H, nope, rope, r = mla.num_heads, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.kv_lora_rank
+    norm = mla.kv_a_layernorm
+    if not (q.numel() == H * (nope + rope) and kv.numel() == r + rope and q.dtype == kv.dtype == norm.weight.dtype
+            == torch.bfloat16 and (cos is None or (cos.dtype == sin.dtype == torch.float32
+                                                   and cos.numel() == sin.numel() == rope // 2))):
+        raise ValueError(f"mla_project_one wants one token's bf16 q [{H * (nope + rope)}] and kv [{r + rope}] and fp32 "
+                         f"cos/sin [{rope // 2}]; got q {tuple(q.shape)} {q.dtype}, kv {tuple(kv.shape)} {kv.dtype}")
+    q, kv = q.contiguous(), kv.contiguous()
+    if cos is not None:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    q_pe = q.new_empty(1, 1, H, rope)
+    latent = q.new_empty(1, 1, r + rope)
+    lib.kimi_mla_project_one_bf16(q.data_ptr(), H, nope, rope, kv.data_ptr(), r, norm.weight.contiguous().data_ptr(),
+                                  norm.eps, None if cos is None else cos.data_ptr(),
+                                  None if sin is None else sin.data_ptr(), q_pe.data_ptr(), latent.data_ptr())
+    return q.view(1, 1, H, nope + rope)[..., :nope], q_pe, latent
 
 
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight: float = 1.0,

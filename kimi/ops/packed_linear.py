@@ -11,10 +11,11 @@ and single rows go through it. Its sums run in a different order, so those rows 
 rounding, not bit for bit (tests/test_cpu_kernels.py).
 
 `pack_for_cpu(model)` swaps, in place, every bf16 CPU `nn.Linear` for a `PackedLinear`, every stack of routed
-experts for `PackedExperts` and, where the C kernels run, every RMSNorm, router, SwiGLU MLP and KDA layer for a
-one-row variant that runs a single token's norm, routing, MLP or KDA step as one C call (kimi/ops/cpu_kernels.py). The model becomes
-inference-only: a packed weight is an opaque oneDNN tensor, it has no gradient, and it is not in the state dict
-(kimi.model.loader.save_model refuses a packed model). Left as they are: MLA's kv_b_proj (its weight is read
+experts for `PackedExperts` and, where the C kernels run, every RMSNorm, router, SwiGLU MLP, MLA and KDA layer for
+a one-row variant that runs a single token's norm, routing, MLP, projections or KDA step in a few C calls
+(kimi/ops/cpu_kernels.py).
+The model becomes inference-only: a packed weight is an opaque oneDNN tensor, it has no gradient, and it is not in
+the state dict (kimi.model.loader.save_model refuses a packed model). Left as they are: MLA's kv_b_proj (its weight is read
 directly by the absorbed decode form), a tied lm_head (its weight is the embedding table), the router's weight (it
 runs in fp32), and quantised experts.
 """
@@ -27,6 +28,7 @@ from torch import nn
 
 from kimi.model.kda import KDA
 from kimi.model.layers import MLP, RMSNorm
+from kimi.model.mla import MLA
 from kimi.model.moe import Experts, Router
 from kimi.ops import cpu_kernels
 
@@ -151,6 +153,36 @@ class OneRowRMSNorm(RMSNorm):
         return super().forward(x)
 
 
+class OneRowMLA(MLA):
+    """A packed MLA layer whose one-token projections are two gemv calls (the products of x stacked into one weight
+    stream, then q_b_proj) and one C call for the norm, the rotations and the latent (cpu_kernels.mla_project_one):
+    in torch that tail is ~15 small ops a layer. Everything else is MLA's."""
+
+    def __init__(self, mla: MLA):
+        nn.Module.__init__(self)
+        self.__dict__.update(mla.__dict__)  # the same parameters, submodules and settings
+        self.q_lora = hasattr(mla, "q_a_proj")  # K2: q through a low-rank pair; Kimi Linear: a plain q_proj
+        inputs = [mla.q_a_proj if self.q_lora else mla.q_proj, mla.kv_a_proj_with_mqa]
+        self.in_plain = None  # [q_lora (or H * qk) + r + rope, D]
+        if all(isinstance(m, PackedLinear) and m.plain is not None for m in inputs):
+            self.in_plain = torch.cat([m.plain for m in inputs])
+            for m in inputs:
+                m.plain = None
+        self.in_split = [m.out_features for m in inputs]
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor):
+        if not (x.numel() == x.shape[-1] and x.dtype == torch.bfloat16 and self.in_plain is not None
+                and cpu_kernels.available()):
+            return super().project(x, positions)
+        q, kv = cpu_kernels.gemv(x.view(1, -1), self.in_plain).split(self.in_split, dim=-1)
+        if self.q_lora:
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        cos = sin = None
+        if self.rotary is not None:
+            cos, sin = self.rotary(positions)
+        return cpu_kernels.mla_project_one(self, q, kv, cos, sin)
+
+
 class OneRowKDA(KDA):
     """A packed KDA layer whose single-token steps (engine decode, reference generate) run between the projections and
     o_proj as one C call that updates the cache's conv windows and states in place (cpu_kernels.kda_decode): the
@@ -223,6 +255,10 @@ def pack_for_cpu(model: nn.Module) -> int:
                 changed += 1
             elif type(child) is KDA and child.o_norm.weight.dtype == torch.bfloat16 and cpu_kernels.available():
                 setattr(parent, name, OneRowKDA(child))
+                changed += 1
+            elif type(child) is MLA and child.kv_a_layernorm.weight.dtype == torch.bfloat16 \
+                    and cpu_kernels.available():
+                setattr(parent, name, OneRowMLA(child))
                 changed += 1
     return changed
 
