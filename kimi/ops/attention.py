@@ -55,8 +55,8 @@ def paged_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Ten
     row-major as one GEMM per sequence: scores = ctx @ q^T, not q @ ctx^T, which torch runs as a slow per-head
     strided GEMV for bf16 on CPU; and p @ ctx over all W columns, dropping the rope columns of the product
     afterwards (slicing ctx first would make bmm copy the whole context). In bf16 on a CPU with kimi's C kernels the
-    whole form is one call up to c_kernel_max_context() tokens (kimi/ops/cpu_kernels.py; no gather, no per-op overhead;
-    this code is its twin)."""
+    whole form is one call up to c_kernel_max_context() tokens (kimi/ops/cpu_kernels.py; no gather, no per-op
+    overhead; this code is its twin)."""
     if (cache.dtype == torch.bfloat16 and cache.device.type == "cpu" and cpu_kernels.available()
             and mask.shape[1] <= c_kernel_max_context()):
         return cpu_kernels.mla_decode(mla, q_nope, q_pe, cache, rows, mask.sum(1))

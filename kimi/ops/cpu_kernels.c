@@ -41,6 +41,8 @@ static inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
 
 static inline __mmask16 tail_mask(int64_t n) { return (__mmask16)((1u << (n & 15)) - 1u); }
 
+static inline float silu(float x) { return x / (1.0f + expf(-x)); }
+
 // sum_i a[i] * b[i], a fp32, b bf16, n >= 0
 static inline float dot_f32_bf16(const float *a, const uint16_t *b, int64_t n) {
     __m512 s0 = _mm512_setzero_ps(), s1 = s0;
@@ -428,7 +430,7 @@ int kimi_swiglu_one_bf16(const uint16_t *x, int64_t D, const uint16_t *gate_up, 
     for (int64_t n = 0; n < 2 * I; n++) row(xf, 1, D, gate_up + n * D, 2 * I, n, tmp);  // [g; u] bf16
     for (int64_t i = 0; i < I; i++) {
         const float g = from_bf16(tmp[i]);
-        h[i] = round_bf16(round_bf16(g / (1.0f + expf(-g))) * from_bf16(tmp[I + i]));
+        h[i] = round_bf16(round_bf16(silu(g)) * from_bf16(tmp[I + i]));
     }
     uint16_t *out = total ? tmp : y;
     for (int64_t d = 0; d < D; d++) row(h, 1, I, down + d * I, D, d, out);
@@ -505,8 +507,6 @@ static inline void axpy_then_axpy(float *y, float a, const float *d, float b, fl
         _mm512_mask_storeu_ps(acc + j, m, _mm512_fmadd_ps(bv, s, _mm512_maskz_loadu_ps(m, acc + j)));
     }
 }
-
-static inline float silu(float x) { return x / (1.0f + expf(-x)); }
 
 // One head of the causal depthwise short conv for one token, + SiLU, for the n channels from c0 of a [3P]-wide row:
 // y = bf16(silu(bf16(sum_j window[j] w[j]))) over the window [the k-1 previous inputs, this input], fp32 products

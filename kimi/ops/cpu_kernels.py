@@ -12,10 +12,10 @@ much as the weights' streaming. The largest groups become one call each: `mla_de
 a batch of single-token queries (four tiny bf16 batched matmuls at ~25 us each in torch, plus the glue; ops/
 attention.py's torch path is its twin); `rms_norm`; `swiglu`, one token through an expert or shared MLP and, for
 routed experts, its weighted add; `route_one`, the router's scores, grouped top-k and weights; `mla_project_one`,
-the norm, rotations and latent of MLA's projections for one token; `kda_decode`, a KDA
-layer's work between its projections and o_proj for single tokens (short conv, gate, delta rule, gated norm: ~40
-torch ops), reading and updating each sequence's window and state in place in the engine's pools. Each rounds to
-bf16 where the torch path rounds (tests/test_cpu_kernels.py holds them to it).
+the norm, rotations and latent of MLA's projections for one token; `kda_decode`, a KDA layer's work between its
+projections and o_proj for single tokens (short conv, gate, delta rule, gated norm: ~40 torch ops), reading and
+updating each sequence's window and state in place in the engine's pools. Each rounds to bf16 where the torch path
+rounds (tests/test_cpu_kernels.py holds them to it).
 
 The kernels are plain C with AVX-512 intrinsics and no torch headers: gcc builds them in about a second into the
 user's cache directory ($KIMI_CACHE_DIR, else $XDG_CACHE_HOME/kimi, else ~/.cache/kimi), keyed by the source's

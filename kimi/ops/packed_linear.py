@@ -13,11 +13,10 @@ rounding, not bit for bit (tests/test_cpu_kernels.py).
 `pack_for_cpu(model)` swaps, in place, every bf16 CPU `nn.Linear` for a `PackedLinear`, every stack of routed
 experts for `PackedExperts` and, where the C kernels run, every RMSNorm, router, SwiGLU MLP, MLA and KDA layer for
 a one-row variant that runs a single token's norm, routing, MLP, projections or KDA step in a few C calls
-(kimi/ops/cpu_kernels.py).
-The model becomes inference-only: a packed weight is an opaque oneDNN tensor, it has no gradient, and it is not in
-the state dict (kimi.model.loader.save_model refuses a packed model). Left as they are: MLA's kv_b_proj (its weight is read
-directly by the absorbed decode form), a tied lm_head (its weight is the embedding table), the router's weight (it
-runs in fp32), and quantised experts.
+(kimi/ops/cpu_kernels.py). The model becomes inference-only: a packed weight is an opaque oneDNN tensor, it has no
+gradient, and it is not in the state dict (kimi.model.loader.save_model refuses a packed model). Left as they are:
+MLA's kv_b_proj (its weight is read directly by the absorbed decode form), a tied lm_head (its weight is the
+embedding table), the router's weight (it runs in fp32), and quantised experts.
 """
 
 from __future__ import annotations
@@ -59,6 +58,18 @@ def _one_row(x: torch.Tensor, plain: torch.Tensor | None) -> bool:
 def _plain(weight: torch.Tensor) -> torch.Tensor | None:
     """The plain weight gemv reads, kept only where gemv runs."""
     return weight.detach().contiguous() if cpu_kernels.available() else None
+
+
+def _stack_plain(linears: list[nn.Module]) -> torch.Tensor | None:
+    """The plain weights of linears that read the same x, stacked into one [sum of outs, in] matrix (one weight
+    stream, one gemv call for a single row); the linears drop theirs, as single rows no longer reach them. None
+    where any of them has no plain weight (not packed, or the kernels do not run)."""
+    if not all(isinstance(m, PackedLinear) and m.plain is not None for m in linears):
+        return None
+    stacked = torch.cat([m.plain for m in linears])
+    for m in linears:
+        m.plain = None
+    return stacked
 
 
 class PackedLinear(nn.Module):
@@ -113,8 +124,7 @@ class OneRowMLP(MLP):
     def __init__(self, mlp: MLP):
         nn.Module.__init__(self)
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        self.gate_up_plain = torch.cat([mlp.gate_proj.plain, mlp.up_proj.plain])  # [2I, D]
-        mlp.gate_proj.plain = mlp.up_proj.plain = None  # single rows no longer reach them: not a third copy
+        self.gate_up_plain = _stack_plain([mlp.gate_proj, mlp.up_proj])  # [2I, D]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _one_row(x, self.down_proj.plain):
@@ -163,11 +173,7 @@ class OneRowMLA(MLA):
         self.__dict__.update(mla.__dict__)  # the same parameters, submodules and settings
         self.q_lora = hasattr(mla, "q_a_proj")  # K2: q through a low-rank pair; Kimi Linear: a plain q_proj
         inputs = [mla.q_a_proj if self.q_lora else mla.q_proj, mla.kv_a_proj_with_mqa]
-        self.in_plain = None  # [q_lora (or H * qk) + r + rope, D]
-        if all(isinstance(m, PackedLinear) and m.plain is not None for m in inputs):
-            self.in_plain = torch.cat([m.plain for m in inputs])
-            for m in inputs:
-                m.plain = None
+        self.in_plain = _stack_plain(inputs)  # [q_lora (or H * qk) + r + rope, D], or None
         self.in_split = [m.out_features for m in inputs]
 
     def project(self, x: torch.Tensor, positions: torch.Tensor):
@@ -191,19 +197,11 @@ class OneRowKDA(KDA):
 
     def __init__(self, kda: KDA):
         nn.Module.__init__(self)
-        for name in ("layer_idx", "num_heads", "head_dim", "conv_size"):
-            setattr(self, name, getattr(kda, name))
-        for name, child in kda.named_children():
-            setattr(self, name, child)
-        self.A_log, self.dt_bias = kda.A_log, kda.dt_bias
+        self.__dict__.update(kda.__dict__)  # the same parameters, submodules and settings
         self.conv_weight = torch.cat([kda.q_conv1d.weight, kda.k_conv1d.weight, kda.v_conv1d.weight])[:, 0].detach() \
             .contiguous()  # [3P, k]
         inputs = [kda.q_proj, kda.k_proj, kda.v_proj, kda.f_a_proj, kda.g_a_proj, kda.b_proj]
-        self.in_plain = None  # [3P + K + K + H, D]: the six products of x as one weight stream
-        if all(isinstance(m, PackedLinear) and m.plain is not None for m in inputs):
-            self.in_plain = torch.cat([m.plain for m in inputs])
-            for m in inputs:
-                m.plain = None  # single rows no longer reach them: not a second copy
+        self.in_plain = _stack_plain(inputs)  # [3P + K + K + H, D], or None
         self.in_split = [sum(m.out_features for m in inputs[:3]), *(m.out_features for m in inputs[3:])]
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
