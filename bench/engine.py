@@ -43,6 +43,7 @@ from kimi.model.cost import kda_state_bytes_per_sequence, mla_cache_bytes_per_to
 from kimi.model.generate import generate
 from kimi.model.loader import save_model
 from kimi.model.model import build_model
+from kimi.ops.dtypes import bf16_is_fast, default_dtype
 from kimi.ops.packed_linear import is_packed
 
 K2_BENCH = {  # ~206M parameters, ~90M active per token
@@ -190,13 +191,16 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="scaled-down sizes for a small CPU box")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads for both sides")
-    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="weights and cache dtype")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                    help="weights and cache dtype, both sides; auto: bfloat16 where the device computes it natively, "
+                         "else float32 (kimi/ops/dtypes.py), as kimi's engine picks by default")
     ap.add_argument("--device", default="cpu", help="torch device for both sides, e.g. cpu or cuda")
     args = ap.parse_args()
     global DEVICE
     DEVICE = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    dtype = getattr(torch, args.dtype)
+    dtype = default_dtype(DEVICE) if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
     q = args.quick
     n_conc, plen, out_len = (8, (64, 256), 32) if q else (64, (256, 1024), 128)
     hf_seq_sample = n_conc if q else 8  # transformers one-at-a-time: measured on this many, scaled to all
@@ -204,10 +208,11 @@ def main():
     ttft_len = 1024 if q else 4096
     decode_n = 16 if q else 64
     rng = random.Random(0)
-    machine = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"
+    machine = (f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}, bf16 "
+               f"{'native' if bf16_is_fast('cpu') else 'emulated'}), {torch.get_num_threads()} thread(s)")
     if DEVICE.type == "cuda":
         machine = torch.cuda.get_device_name(DEVICE)
-    res: dict = {"machine": machine, "dtype": args.dtype, "quick": q}
+    res: dict = {"machine": machine, "dtype": dtype_name, "quick": q}
     rows = Rows()
 
     # ---- 1-3: the K2-style model, kimi vs transformers -------------------------------------------------------
@@ -332,7 +337,7 @@ def main():
             d = res[k] if "." not in k else res["prefix_ttft"][k.split(".")[1]]
             for key in ("speedup", "speedup_vs_sequential", "speedup_vs_padded", "speedup_at_max_context"):
                 d.pop(key, None)
-    print(f"machine: {res['machine']}, {args.dtype}; model {pc.total / 1e6:.0f}M params "
+    print(f"machine: {res['machine']}, {dtype_name}; model {pc.total / 1e6:.0f}M params "
           f"({pc.active / 1e6:.0f}M active)")
     print(f"{'metric':36s} {'kimi':>22s} {'baseline':>22s} {'ratio':>24s}")
     for r in rows:

@@ -55,7 +55,7 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="compute dtype (default: the config's)")
+                   help="compute dtype (default: bfloat16 where the device computes it natively, else float32)")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     p.add_argument("--quantized", default="keep", choices=["keep", "dequantize"],
                    help="FP8 / INT4 checkpoints: keep the weights quantised (less memory) or dequantise at load")

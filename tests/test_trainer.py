@@ -98,7 +98,7 @@ def test_gradient_accumulation_and_autocast(run_files, tmp_path):
     train(parse(run_files, tmp_path / "accum", *plain, "--micro-batch", "2"))
     for a, b in zip(trace(tmp_path / "full"), trace(tmp_path / "accum")):
         assert math.isclose(a["loss"], b["loss"], rel_tol=1e-5), (a["loss"], b["loss"])
-    train(parse(run_files, tmp_path / "bf16", "--steps", "3"))
+    train(parse(run_files, tmp_path / "bf16", "--autocast", "bf16", "--steps", "3"))
     bf16 = trace(tmp_path / "bf16")
     assert all(math.isfinite(r["loss"]) for r in bf16)
     assert abs(bf16[0]["loss"] - trace(tmp_path / "full")[0]["loss"]) < 0.05  # same model, bf16 rounding only

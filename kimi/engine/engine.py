@@ -114,7 +114,8 @@ class LLMEngine:
                  enable_prefix_caching: bool = True, num_blocks: int | None = None, num_snapshots: int | None = None,
                  seed: int = 0, quantized: str = "keep", pack_weights: bool | None = None):
         """model: a model directory (its tokenizer is loaded when it has one) or a Transformer. dtype defaults to
-        bfloat16; quantized ("keep" | "dequantize") says how FP8 / INT4 checkpoints run (kimi.load_model);
+        bfloat16 where the device computes it natively, else float32 (kimi/ops/dtypes.py); quantized ("keep" |
+        "dequantize") says how FP8 / INT4 checkpoints run (kimi.load_model);
         num_blocks / num_snapshots override the sizes derived from cache_memory (tests, benchmarks).
         pack_weights: prepack bf16 CPU weights for oneDNN and, where kimi's C kernels build, keep the plain
         weights for their single-row products too (kimi/ops/packed_linear.py; ~2x faster batch-1 decode, twice
@@ -128,8 +129,10 @@ class LLMEngine:
             self.model = model.eval()
         else:
             from kimi.model.loader import load_model
+            from kimi.ops.dtypes import default_dtype
 
-            self.model = load_model(model, dtype=dtype or torch.bfloat16, device=device or "cpu",
+            device = torch.device(device or "cpu")
+            self.model = load_model(model, dtype=dtype or default_dtype(device), device=device,
                                     quantized=quantized).eval()
             if tokenizer is None and (Path(model) / "tiktoken.model").is_file():
                 from kimi.tokenizer.tokenizer import Tokenizer

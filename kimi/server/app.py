@@ -382,7 +382,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "small machine leave a core to the HTTP side)")
     p.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's)")
     p.add_argument("--cache-memory", type=float, default=None, help="GiB for the paged latent cache")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"], help="compute dtype")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="compute dtype (default: bfloat16 where the device computes it natively, else float32)")
     p.add_argument("--quantized", default="keep", choices=["keep", "dequantize"],
                    help="FP8 / INT4 checkpoints: keep the weights quantised (less memory) or dequantise at load")
     p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cuda if present)")
@@ -430,7 +431,9 @@ def serve_main(args) -> None:
     def load():
         try:
             state.set_engine(load_engine(args))
-            log.info("model %s ready (max_model_len %d)", state.model_name, state.engine.max_model_len)
+            model = state.engine.engine.model
+            log.info("model %s ready (max_model_len %d, %s on %s)", state.model_name, state.engine.max_model_len,
+                     str(model.dtype).removeprefix("torch."), model.device)
         except Exception as e:
             state.load_error = f"the model failed to load: {e}"
             log.exception("loading %s failed", args.model)

@@ -3,7 +3,8 @@
 One step = one optimizer update over --batch-tokens tokens (global, all ranks), split into micro-batches of
 --micro-batch rows (gradient accumulation). The loss is the mean over every target token of the global batch, so
 the update does not depend on how the batch is split across micro-batches or data-parallel ranks. Forward passes
-run under bf16 autocast over fp32 master weights (--autocast none for plain fp32); raw gradients are clipped
+run under bf16 autocast over fp32 master weights where the device computes bf16 natively, in plain fp32 elsewhere
+(--autocast auto; kimi/ops/dtypes.py; bf16 / none force either); raw gradients are clipped
 before the optimizer (clipping Muon's orthogonalised update would shrink every step, muon.md §5.4); QK-Clip then
 rescales heads whose max logit exceeded tau (train/qk_clip.py). Packed documents are isolated (train/packing.py).
 
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from kimi.ops.dtypes import bf16_is_fast
 from kimi.train.data import IGNORE, Loader, Split, eval_batches, read_manifest
 from kimi.train.packing import packed_forward
 
@@ -177,7 +179,7 @@ def evaluate(model, split: Split, args, device, rank: int, world: int) -> float:
 
 
 def autocast(args, device):
-    if args.autocast == "none":
+    if args.autocast == "none" or (args.autocast == "auto" and not bf16_is_fast(device)):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
 
@@ -324,8 +326,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decay-frac", type=float, default=0.2, help="wsd: fraction of the steps spent decaying")
     p.add_argument("--grad-clip", type=float, default=1.0,
                    help="clip the global norm of the raw gradients before the optimizer (0 = off)")
-    p.add_argument("--autocast", choices=("bf16", "none"), default="bf16",
-                   help="bf16 autocast over fp32 master weights, or plain fp32")
+    p.add_argument("--autocast", choices=("auto", "bf16", "none"), default="auto",
+                   help="bf16 autocast over fp32 master weights, or plain fp32; auto: bf16 where the device computes "
+                        "it natively (CUDA, CPUs with oneDNN bf16 kernels), else fp32")
     p.add_argument("--all-tokens", action="store_true",
                    help="train on every token, ignoring the data's loss mask (e.g. a warm-up on whole chat "
                         "conversations; the validation loss keeps the mask)")
