@@ -33,6 +33,7 @@ def default_dtype(device: torch.device | str) -> torch.dtype:
 
 
 def cpu_has_bf16_kernels() -> bool:
+    """oneDNN has bf16 kernels for this CPU (kimi/ops/packed_linear.py prepacks bf16 weights for them)."""
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 

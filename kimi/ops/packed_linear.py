@@ -29,16 +29,15 @@ from kimi.model.kda import KDA
 from kimi.model.layers import MLP, RMSNorm
 from kimi.model.mla import MLA
 from kimi.model.moe import Experts, Router
-from kimi.ops import cpu_kernels
+from kimi.ops import cpu_kernels, dtypes
 
 UNPACKED = ("kv_b_proj",)  # children whose .weight other code reads
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
     """True where packing applies: bf16 on a CPU whose oneDNN build has bf16 kernels."""
-    return (device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return (device.type == "cpu" and dtype == torch.bfloat16 and dtypes.cpu_has_bf16_kernels()
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
