@@ -1,4 +1,4 @@
-"""kimi's C decode kernels (kimi/ops/cpu_kernels.py) against the torch paths they replace, bf16, one row at a time.
+"""kimi's C decode kernels (kimi/ops/cpu_kernels.py) against the torch paths they replace, one row at a time.
 
   1. y = x W^T for one row of x on bench/engine.py's weight shapes: kimi's gemv vs oneDNN-prepacked weights
      (kimi/ops/packed_linear.py) vs torch's F.linear, as GB/s of weight read (enough distinct matrices of each shape
@@ -6,8 +6,12 @@
   2. MLA absorbed decode attention for one sequence (bench/engine.py's K2-style layer: 8 heads, kv_lora 256, rope
      32) over contexts of 100 to 8,192 tokens: kimi's one-call kernel (with AVX512-BF16 pair dot products where the
      CPU has them, and in its fp32 form) vs ops/attention.py's torch path.
+  3. fp32 models (CPUs without native bf16): y = x W^T for one fp32 row on the same shapes, kimi's gemv_fp32 reading
+     a bf16 copy of a bf16-exact weight (kimi/ops/bf16_weights.py) vs torch's fp32 F.linear on the fp32 weight, as
+     time per product and the GB/s each reads.
+Items 1-2 need the AVX-512 kernels, item 3 the AVX2 one; what the CPU cannot run is left out and said so.
 Correctness first, in the same run: gemv within one bf16 rounding (plus fp32 summation noise) of an fp32 product,
-the attention kernel within 2^-7 of the torch path's largest output.
+gemv_fp32 within fp32 summation noise of it, the attention kernel within 2^-7 of the torch path's largest output.
 
     python bench/decode_kernels.py [--threads 1]
 Prints a table, then one JSON line last.
@@ -58,6 +62,22 @@ def linear_row(shape) -> dict:
             "gemv_vs_packed": gbs["gemv"] / gbs["onednn_packed"], "gemv_vs_F.linear": gbs["gemv"] / gbs["F.linear"]}
 
 
+def linear_row_fp32(shape) -> dict:
+    out, inn = shape
+    count = max(1, (256 << 20) // (out * inn * 4))  # 256 MiB of fp32 weights: from memory, as in decode
+    copies = [torch.randn(out, inn).bfloat16() for _ in range(count)]
+    weights = [w.float() for w in copies]
+    x = torch.randn(1, inn)
+    ref = x.double() @ weights[0].double().T
+    ok = bool(((cpu_kernels.gemv_fp32(x, copies[0]).double() - ref).abs()
+               <= 1e-6 * (x.double().abs() @ weights[0].double().abs().T)).all())
+    t_gemv = best_of(lambda: [cpu_kernels.gemv_fp32(x, w) for w in copies]) / count
+    t_torch = best_of(lambda: [F.linear(x, w) for w in weights]) / count
+    return {"shape": list(shape), "us": {"gemv_fp32": t_gemv * 1e6, "F.linear_fp32": t_torch * 1e6},
+            "GB_s": {"gemv_fp32": out * inn * 2 / t_gemv / 1e9, "F.linear_fp32": out * inn * 4 / t_torch / 1e9},
+            "gemv_fp32_correct": ok, "speedup": t_torch / t_gemv}
+
+
 def attention_row(mla: MLA, context: int) -> dict:
     W = mla.kv_lora_rank + mla.qk_rope_head_dim
     cache = torch.randn(context + 64, W).bfloat16()
@@ -97,24 +117,35 @@ def main():
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if not cpu_kernels.available():
-        raise SystemExit("kimi's C kernels are not available here (they need AVX-512 and a C compiler)")
-    res = {"machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s)"}
+    if not (cpu_kernels.available() or cpu_kernels.fp32_available()):
+        raise SystemExit("kimi's C kernels are not available here (they need AVX-512 or AVX2 + FMA, and a C compiler)")
+    res = {"machine": f"{platform.processor() or platform.machine()} ({torch.backends.cpu.get_cpu_capability()}), "
+                      f"{torch.get_num_threads()} thread(s)"}
     with torch.inference_mode():
-        res["linear_one_row"] = [linear_row(s) for s in SHAPES]
-        for r in res["linear_one_row"]:
-            g = r["GB_s"]
-            print(f"{r['shape'][0]:>6} x {r['shape'][1]:<5} gemv {g['gemv']:5.1f} GB/s  oneDNN packed "
-                  f"{g['onednn_packed']:5.1f}  F.linear {g['F.linear']:5.1f}  ({r['gemv_vs_packed']:.2f}x packed)"
-                  f"{'' if r['gemv_correct'] else '  WRONG'}")
-        cfg = ModelConfig.from_dict(K2_BENCH)
-        mla = MLA(cfg, 0).bfloat16()
-        torch.nn.init.normal_(mla.kv_b_proj.weight, std=0.05)
-        res["mla_decode"] = [attention_row(mla, c) for c in CONTEXTS]
-        for r in res["mla_decode"]:
-            print(f"MLA decode, context {r['context']:>5}: kernel {r['us']['kernel']:7.1f} us (fp32 form "
-                  f"{r['us']['kernel_fp32']:7.1f})  torch {r['us']['torch']:7.1f} us  ({r['speedup']:.2f}x)"
-                  f"{'' if r['correct'] else '  WRONG'}")
+        if not cpu_kernels.available():
+            print("bf16 kernels (items 1-2): not available here (they need AVX-512)")
+        else:
+            res["linear_one_row"] = [linear_row(s) for s in SHAPES]
+            for r in res["linear_one_row"]:
+                g = r["GB_s"]
+                print(f"{r['shape'][0]:>6} x {r['shape'][1]:<5} gemv {g['gemv']:5.1f} GB/s  oneDNN packed "
+                      f"{g['onednn_packed']:5.1f}  F.linear {g['F.linear']:5.1f}  ({r['gemv_vs_packed']:.2f}x packed)"
+                      f"{'' if r['gemv_correct'] else '  WRONG'}")
+            cfg = ModelConfig.from_dict(K2_BENCH)
+            mla = MLA(cfg, 0).bfloat16()
+            torch.nn.init.normal_(mla.kv_b_proj.weight, std=0.05)
+            res["mla_decode"] = [attention_row(mla, c) for c in CONTEXTS]
+            for r in res["mla_decode"]:
+                print(f"MLA decode, context {r['context']:>5}: kernel {r['us']['kernel']:7.1f} us (fp32 form "
+                      f"{r['us']['kernel_fp32']:7.1f})  torch {r['us']['torch']:7.1f} us  ({r['speedup']:.2f}x)"
+                      f"{'' if r['correct'] else '  WRONG'}")
+        if cpu_kernels.fp32_available():
+            res["fp32_linear_one_row"] = [linear_row_fp32(s) for s in SHAPES]
+            for r in res["fp32_linear_one_row"]:
+                u, g = r["us"], r["GB_s"]
+                print(f"fp32 {r['shape'][0]:>6} x {r['shape'][1]:<5} gemv_fp32 (bf16 copy) {u['gemv_fp32']:7.1f} us "
+                      f"{g['gemv_fp32']:5.1f} GB/s  F.linear fp32 {u['F.linear_fp32']:7.1f} us "
+                      f"{g['F.linear_fp32']:5.1f} GB/s  ({r['speedup']:.2f}x){'' if r['gemv_fp32_correct'] else '  WRONG'}")
     print(json.dumps(res))
 
 

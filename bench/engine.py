@@ -25,6 +25,7 @@ synchronise the device; the roofline uses the GPU's copy bandwidth); the fp32 co
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import random
@@ -44,7 +45,8 @@ from kimi.model.generate import generate
 from kimi.model.loader import save_model
 from kimi.model.model import build_model
 from kimi.ops.dtypes import bf16_is_fast, default_dtype
-from kimi.ops.packed_linear import is_packed
+from kimi.ops import packed_linear
+from kimi.ops.bf16_weights import has_copies
 
 K2_BENCH = {  # ~206M parameters, ~90M active per token
     "model_type": "deepseek_v3", "vocab_size": 32000, "hidden_size": 768, "intermediate_size": 2048,
@@ -166,13 +168,17 @@ def fill_and_decode(llm, context: int, steps: int) -> float:
 def correctness(k2: ModelConfig, kl: ModelConfig, prompts: list[list[int]]) -> dict:
     """The identities the engine guarantees, checked in fp32 on the benchmark's own configs (bf16 argmax over
     near-flat random logits flips with any change of summation order, so bf16 agreement is reported, not asserted):
-    batch-1 greedy == the reference generate; batched == each request alone; prefix hit == caching off (hybrid)."""
-    m = build_model(k2, dtype=torch.float32, seed=0, device=DEVICE).eval()
-    llm = LLM(m, max_num_seqs=8, max_num_batched_tokens=512, max_model_len=1024, block_size=16)
+    batch-1 greedy == the reference generate; batched == each request alone; prefix hit == caching off (hybrid).
+    The weights are a bf16 checkpoint's, so on a CPU the engine's copy streams bf16 copies (bf16_weights.py)."""
+    m = build_model(k2, dtype=torch.bfloat16, seed=0, device=DEVICE).float().eval()
+    llm = LLM(copy.deepcopy(m), max_num_seqs=8, max_num_batched_tokens=512, max_model_len=1024, block_size=16,
+              pack_weights=packed_linear.supported(DEVICE, torch.float32))
     ps = [p[:96] for p in prompts[:4]]
     single = llm.generate(ps[:1], greedy(12))[0].token_ids == generate(m, ps[0], 12)[0]
     batched = [o.token_ids for o in llm.generate(ps, greedy(8))] == [generate(m, p, 8)[0] for p in ps]
-    m = build_model(kl, dtype=torch.float32, seed=2, device=DEVICE).eval()
+    m = build_model(kl, dtype=torch.bfloat16, seed=2, device=DEVICE).float().eval()
+    if packed_linear.supported(DEVICE, torch.float32):
+        packed_linear.pack_for_cpu(m)
     rng = random.Random(5)
     p = [rng.randrange(3, kl.vocab_size) for _ in range(256)]
     outs = {}
@@ -223,16 +229,20 @@ def main():
 
     transformers.logging.set_verbosity_error()
     cfg = ModelConfig.from_dict(K2_BENCH)
-    model = build_model(cfg, dtype=dtype, seed=0, device=DEVICE).eval()
+    # a bf16 checkpoint, as real ones are; both sides load it in `dtype` (in fp32: the same weights, widened)
+    model = build_model(cfg, dtype=torch.bfloat16, seed=0, device=DEVICE).eval()
     tmp = tempfile.mkdtemp()
     save_model(model, tmp)
+    model = model.to(dtype)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).to(DEVICE).eval()
     pc = param_count(cfg)
-    # the engine loads the checkpoint as a user's would (and so prepacks bf16 CPU weights, kimi/ops/packed_linear.py);
-    # `model` stays the plain reference
+    # the engine loads the checkpoint as a user's would (and so prepacks bf16 CPU weights, or keeps bf16 copies of
+    # an fp32 model's weights: kimi/ops/packed_linear.py, bf16_weights.py); `model` stays the plain reference
     llm = LLM(tmp, dtype=dtype, device=DEVICE, max_num_seqs=n_conc, max_num_batched_tokens=2048, max_model_len=2048,
               block_size=16)
-    pack = res["packed_weights"] = is_packed(llm.model)
+    pack = packed_linear.supported(DEVICE, dtype)
+    copies = has_copies(llm.model)
+    res["packed_weights"] = "bf16 copies" if copies else "oneDNN" if packed_linear.is_packed(llm.model) else "none"
     prompt = [rng.randrange(3, cfg.vocab_size) for _ in range(64)]
     with torch.inference_mode():
         # best of 3 interleaved rounds for each side: on a shared machine noise only ever adds time
@@ -241,12 +251,14 @@ def main():
         hf_s, hf_tokens = min(r[1][0] for r in rounds), rounds[0][1][1]
         ref_tokens = generate(model, prompt, decode_n + 1)[0]
     res["batch1_decode_tok_s"] = {"kimi": 1 / kimi_s, "transformers": 1 / hf_s, "speedup": hf_s / kimi_s}
-    res["bf16_batch1_same_tokens_as_reference_generate"] = kimi_tokens == ref_tokens
-    res["bf16_batch1_same_first_token_as_transformers"] = kimi_tokens[:1] == hf_tokens[:1]
+    res["batch1_same_tokens_as_reference_generate"] = kimi_tokens == ref_tokens
+    res["batch1_same_first_token_as_transformers"] = kimi_tokens[:1] == hf_tokens[:1]
     rows.append(("batch-1 decode tok/s", f"{1 / kimi_s:.1f}", f"{1 / hf_s:.1f}", f"{hf_s / kimi_s:.2f}x"))
 
     ctx = len(prompt) + decode_n // 2
-    weight_bytes = (pc.active - pc.embedding) * torch.finfo(dtype).bits // 8
+    # bytes per weight as kimi streams them: 2 with bf16 copies of fp32 weights (and the fp32 kv_b_proj counted at 2
+    # too: the roofline is, if anything, a little high)
+    weight_bytes = (pc.active - pc.embedding) * (2 if copies else torch.finfo(dtype).bits // 8)
     cache_bytes = mla_cache_bytes_per_token(cfg, torch.finfo(dtype).bits // 8) * ctx
     bw = copy_bandwidth()
     roof_s = (weight_bytes + cache_bytes) / bw
@@ -264,12 +276,12 @@ def main():
         check = [llm.generate([p], greedy(out_len))[0].token_ids for p in prompts[:4]]
         t_hf_seq = hf_generate_one_by_one(hf, prompts[:hf_seq_sample], out_len) * n_conc / hf_seq_sample
         t_hf_pad = None if args.skip_padded else hf_generate_padded(hf, prompts, out_len)
-    bf16_batch = sum(o.token_ids == c for o, c in zip(outs, check)) / len(check)
+    same_batched = sum(o.token_ids == c for o, c in zip(outs, check)) / len(check)
     total_out = n_conc * out_len
     res["concurrent"] = {"requests": n_conc, "prompt_len": list(plen), "output_len": out_len,
                          "kimi_tok_s": total_out / t_kimi, "transformers_sequential_tok_s": total_out / t_hf_seq,
                          "speedup_vs_sequential": t_hf_seq / t_kimi,
-                         "sequential_measured_on": hf_seq_sample, "bf16_batched_same_as_single": bf16_batch}
+                         "sequential_measured_on": hf_seq_sample, "batched_same_as_single": same_batched}
     rows.append((f"{n_conc} concurrent, out tok/s", f"{total_out / t_kimi:.1f}", f"seq {total_out / t_hf_seq:.1f}",
                  f"{t_hf_seq / t_kimi:.1f}x"))
     if t_hf_pad is not None:
@@ -283,7 +295,7 @@ def main():
     elt = torch.finfo(dtype).bits // 8
     long = {}
     for name, c in (("hybrid", kl), ("all_mla", mla_only)):
-        m = build_model(c, dtype=dtype, seed=1, device=DEVICE).eval()
+        m = build_model(c, dtype=torch.bfloat16, seed=1, device=DEVICE).to(dtype).eval()
         eng = LLM(m, max_num_seqs=1, max_num_batched_tokens=4096, max_model_len=max(contexts) + 64, block_size=64,
                   num_blocks=(max(contexts) + 64) // 64 + 1, enable_prefix_caching=False, pack_weights=pack)
         with torch.inference_mode():
@@ -311,7 +323,7 @@ def main():
     ttft = {}
     cached_len = ttft_len * 7 // 8
     for name, c in (("hybrid", kl), ("k2_style", cfg)):
-        m = build_model(c, dtype=dtype, seed=2, device=DEVICE).eval()
+        m = build_model(c, dtype=torch.bfloat16, seed=2, device=DEVICE).to(dtype).eval()
         p = [rng.randrange(3, c.vocab_size) for _ in range(ttft_len)]
         times, firsts = {}, {}
         for caching in (True, False):
@@ -326,7 +338,7 @@ def main():
             times[caching], firsts[caching] = t, (out[0].token_ids, out[0].num_cached_tokens)
         ttft[name] = {"prompt": ttft_len, "cached_tokens": firsts[True][1], "ttft_cached_s": times[True],
                       "ttft_uncached_s": times[False], "speedup": times[False] / times[True],
-                      "bf16_same_first_token": firsts[True][0] == firsts[False][0]}
+                      "same_first_token": firsts[True][0] == firsts[False][0]}
         rows.append((f"TTFT {ttft_len} tok, {name}", f"cached {times[True] * 1e3:.0f} ms",
                      f"uncached {times[False] * 1e3:.0f} ms", f"{times[False] / times[True]:.1f}x "
                      f"({firsts[True][1]} hit)"))

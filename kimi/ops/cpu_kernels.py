@@ -22,6 +22,10 @@ user's cache directory ($KIMI_CACHE_DIR, else $XDG_CACHE_HOME/kimi, else ~/.cach
 hash, and ctypes loads them (calls release the GIL). Where there is no compiler, no AVX-512, or the build fails,
 `available()` is False and callers keep their torch paths; `KIMI_CPU_KERNELS=0` turns them off. The choice is made
 once per process and logged (logger "kimi").
+
+fp32 models have one kernel of their own, in cpu_kernels_fp32.c (AVX2 + FMA, so it runs on CPUs without AVX-512
+too, built and loaded the same way; `fp32_available()`): `gemv_fp32`, the fp32 product of one row with a bf16 copy of
+a bf16-exact weight (kimi/ops/bf16_weights.py), where CPUs without native bf16 compute.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import torch
 log = logging.getLogger("kimi")
 _SOURCE = Path(__file__).with_name("cpu_kernels.c")
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-fopenmp", "-shared", "-fPIC"]
+_FP32_SOURCE = Path(__file__).with_name("cpu_kernels_fp32.c")  # fp32 models, bf16 weights: AVX2 + FMA
+_FP32_FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
 
 
 def _cache_dir() -> Path:
@@ -48,16 +54,16 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kimi"
 
 
-def _build() -> Path:
-    src = _SOURCE.read_bytes()
-    key = hashlib.sha256(src + " ".join(_FLAGS).encode()).hexdigest()[:16]
-    lib = _cache_dir() / f"cpu_kernels-{key}.so"
+def _build(source: Path, flags: list[str]) -> Path:
+    src = source.read_bytes()
+    key = hashlib.sha256(src + " ".join(flags).encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"{source.stem}-{key}.so"
     if not lib.exists():
         lib.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=lib.parent)  # built aside, then renamed: processes may race
         os.close(fd)
         try:
-            subprocess.run([os.environ.get("CC", "gcc"), *_FLAGS, str(_SOURCE), "-o", tmp], check=True,
+            subprocess.run([os.environ.get("CC", "gcc"), *flags, str(source), "-o", tmp], check=True,
                            capture_output=True, timeout=120)
             os.replace(tmp, lib)
         finally:
@@ -66,22 +72,31 @@ def _build() -> Path:
     return lib
 
 
+def _load(what: str, source: Path, flags: list[str], supported: str, lacks: str) -> ctypes.CDLL | None:
+    """Build and load `source`, or None where it is turned off, does not build, or the CPU lacks what it needs
+    (the library's `supported` function says); logged either way."""
+    if os.environ.get("KIMI_CPU_KERNELS", "1") == "0":
+        log.info("%s: off (KIMI_CPU_KERNELS=0); torch paths", what)
+        return None
+    try:
+        path = _build(source, flags)
+        lib = ctypes.CDLL(str(path))
+    except (OSError, subprocess.SubprocessError) as e:
+        log.info("%s: not built (%s); torch paths", what, e)
+        return None
+    if not getattr(lib, supported)():
+        log.info("%s: this CPU lacks %s; torch paths", what, lacks)
+        return None
+    log.info("%s: %s", what, path)
+    return lib
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (decided once per process, and logged)."""
-    if os.environ.get("KIMI_CPU_KERNELS", "1") == "0":
-        log.info("kimi's C CPU kernels: off (KIMI_CPU_KERNELS=0); torch paths")
+    lib = _load("kimi's C CPU kernels", _SOURCE, _FLAGS, "kimi_cpu_kernels_supported", "AVX-512 (F, BW, VL)")
+    if lib is None:
         return None
-    try:
-        path = _build()
-        lib = ctypes.CDLL(str(path))
-    except (OSError, subprocess.SubprocessError) as e:
-        log.info("kimi's C CPU kernels: not built (%s); torch paths", e)
-        return None
-    if not lib.kimi_cpu_kernels_supported():
-        log.info("kimi's C CPU kernels: this CPU lacks AVX-512 (F, BW, VL); torch paths")
-        return None
-    log.info("kimi's C CPU kernels: %s", path)
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.kimi_gemv_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.kimi_gemv_bf16.restype = ctypes.c_int
@@ -106,6 +121,43 @@ def _library() -> ctypes.CDLL | None:
 def available() -> bool:
     """True where the kernels run: a CPU with AVX-512 (F, BW, VL) and a C compiler that built cpu_kernels.c."""
     return _library() is not None
+
+
+@functools.cache
+def _fp32_library() -> ctypes.CDLL | None:
+    """The fp32 models' gemv (cpu_kernels_fp32.c), or None; decided once per process, and logged."""
+    lib = _load("kimi's fp32 gemv", _FP32_SOURCE, _FP32_FLAGS, "kimi_fp32_kernels_supported", "AVX2 + FMA")
+    if lib is None:
+        return None
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.kimi_gemv_f32_bf16w.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
+    lib.kimi_gemv_f32_bf16w.restype = None
+    return lib
+
+
+def fp32_available() -> bool:
+    """True where gemv_fp32 runs: a CPU with AVX2 + FMA and a C compiler that built cpu_kernels_fp32.c."""
+    return _fp32_library() is not None
+
+
+def gemv_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [..., K] fp32 on the CPU, weight [N, K] bf16 contiguous -> x W^T [..., N] fp32: the fp32 product with the
+    weight widened from bf16 (exact), summed in fp32. For fp32 models whose weights are bf16-representable
+    (packed_linear.py keeps such a copy): half the bytes of an fp32 weight to stream per token."""
+    lib = _fp32_library()
+    if lib is None:
+        raise RuntimeError("kimi's fp32 gemv is not available here (it needs AVX2 + FMA and a C compiler)")
+    N, K = weight.shape
+    if (x.shape[-1] != K or x.dtype != torch.float32 or weight.dtype != torch.bfloat16 or x.device.type != "cpu"
+            or weight.device.type != "cpu" or not weight.is_contiguous()):
+        raise ValueError(f"gemv_fp32 wants x [..., K] fp32 and a contiguous bf16 weight [N, K], both on the CPU; got "
+                         f"x {tuple(x.shape)} {x.dtype} on {x.device}, weight {tuple(weight.shape)} {weight.dtype} on "
+                         f"{weight.device}")
+    x = x.contiguous()
+    y = x.new_empty(*x.shape[:-1], N)
+    lib.kimi_gemv_f32_bf16w(x.data_ptr(), x.numel() // K, K, weight.data_ptr(), N, y.data_ptr(),
+                            torch.get_num_threads())
+    return y
 
 
 @functools.cache

@@ -29,15 +29,16 @@ from kimi.model.kda import KDA
 from kimi.model.layers import MLP, RMSNorm
 from kimi.model.mla import MLA
 from kimi.model.moe import Experts, Router
-from kimi.ops import cpu_kernels, dtypes
+from kimi.ops import bf16_weights, cpu_kernels, dtypes
 
 UNPACKED = ("kv_b_proj",)  # children whose .weight other code reads
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
-    """True where packing applies: bf16 on a CPU whose oneDNN build has bf16 kernels."""
+    """True where packing applies: bf16 on a CPU whose oneDNN build has bf16 kernels, or fp32 on a CPU where kimi's
+    AVX2 gemv builds (kimi/ops/bf16_weights.py)."""
     return (device.type == "cpu" and dtype == torch.bfloat16 and dtypes.cpu_has_bf16_kernels()
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")) or bf16_weights.supported(device, dtype)
 
 
 def _pack(weight: torch.Tensor) -> torch.Tensor:
@@ -222,12 +223,15 @@ class OneRowKDA(KDA):
 
 def pack_for_cpu(model: nn.Module) -> int:
     """Pack `model`'s linears and experts in place (see the module docstring); returns how many modules changed.
-    Raises ValueError where packing does not apply (not bf16, not CPU, no oneDNN bf16)."""
+    An fp32 model's bf16-exact linears and experts get bf16 copies instead (kimi/ops/bf16_weights.py; its other
+    weights and modules stay as they are). Raises ValueError
+    where neither applies (not CPU, no oneDNN bf16 for a bf16 model, no AVX2 gemv for an fp32 one)."""
     first = next(model.parameters())
     if not supported(first.device, first.dtype):
-        raise ValueError(f"packing needs a bfloat16 model on a CPU with oneDNN bf16 kernels; this one is "
-                         f"{first.dtype} on {first.device}")
+        raise ValueError(f"packing needs a bfloat16 model on a CPU with oneDNN bf16 kernels, or a float32 model on a "
+                         f"CPU with AVX2 + FMA and a C compiler; this one is {first.dtype} on {first.device}")
     tied = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    copies = bf16_weights.supported(first.device, first.dtype)
     changed = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -235,8 +239,13 @@ def pack_for_cpu(model: nn.Module) -> int:
                 continue
             if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16:
                 setattr(parent, name, PackedLinear(child))
+            elif type(child) is nn.Linear and copies and bf16_weights.bf16_exact(child.weight):
+                setattr(parent, name, bf16_weights.Bf16CopyLinear(child))
             elif type(child) is Experts and child.gate_proj.dtype == torch.bfloat16:
                 setattr(parent, name, PackedExperts(child))
+            elif type(child) is Experts and copies and all(map(bf16_weights.bf16_exact, (
+                    child.gate_proj, child.up_proj, child.down_proj))):
+                setattr(parent, name, bf16_weights.Bf16CopyExperts(child))
             elif type(child) is RMSNorm and cpu_kernels.available():
                 setattr(parent, name, OneRowRMSNorm(child))
             elif type(child) is Router and child.weight.dtype == torch.bfloat16 and cpu_kernels.available():
@@ -261,4 +270,6 @@ def pack_for_cpu(model: nn.Module) -> int:
 
 
 def is_packed(model: nn.Module) -> bool:
+    """True where the model holds oneDNN-packed weights (which are not in its state dict). An fp32 model's bf16
+    copies (bf16_weights.has_copies) keep the weights as they were."""
     return any(isinstance(m, (PackedLinear, PackedExperts)) for m in model.modules())

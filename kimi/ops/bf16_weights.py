@@ -1,0 +1,81 @@
+"""fp32 models that stream bf16 copies of their weights for single rows (CPUs without native bf16).
+
+On a CPU without bf16 arithmetic (AVX2 only: most laptops, AMD Zen 2-3) kimi computes in fp32 (kimi/ops/dtypes.py),
+and batch-1 decode is then a chain of fp32 matrix-vector products that stream 4 bytes per weight per token. When the
+model came from a bf16 checkpoint (the usual case), every fp32 weight is exactly a bf16 number: a bf16 copy holds
+the same weight in half the bytes, and kimi's AVX2 gemv (kimi/ops/cpu_kernels_fp32.c) widens it in registers and
+computes the fp32 product, summed in a different order. On an AVX2 EPYC one core ran 40 products of 2048 x 768 in
+10.5 ms this way vs torch's fp32 `F.linear` 25 ms (bench/decode_kernels.py).
+
+packed_linear.pack_for_cpu(model) swaps, in place, every fp32 `nn.Linear` and stack of routed experts whose
+weights are all bf16-representable (checked exactly) for a twin that sends single rows to that gemv and everything
+else to torch's fp32 product on the original weight, which it keeps: prefill GEMMs are compute-bound, where fp32
+oneDNN is fastest.
+The copies cost half the fp32 weights' memory again. Weights that are not bf16-representable (an fp32 checkpoint)
+stay as they are, and so do MLA's kv_b_proj (the absorbed decode form reads its weight) and a tied lm_head. Like
+packed_linear.py's bf16 packing, this makes the model inference-only: the copies do not follow later weight updates.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kimi.model.moe import Experts
+from kimi.ops import cpu_kernels
+
+def bf16_exact(w: torch.Tensor) -> bool:
+    """Every element of the fp32 tensor w is a bf16 number (so a bf16 copy loses nothing)."""
+    return w.dtype == torch.float32 and torch.equal(w, w.bfloat16().float())
+
+
+def _one_row(x: torch.Tensor) -> bool:
+    return x.numel() == x.shape[-1] and x.dtype == torch.float32
+
+
+class Bf16CopyLinear(nn.Module):
+    """y = x W^T for an fp32 linear whose weight is bf16-exact: single rows read the bf16 copy (gemv_fp32), more rows
+    the fp32 weight (F.linear). x [..., in] fp32 -> [..., out] fp32."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if linear.bias is not None:
+            raise ValueError("Bf16CopyLinear takes bias-free linears only (every kimi projection is bias-free)")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = linear.weight
+        self.copy = linear.weight.detach().bfloat16().contiguous()  # [out, in]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.gemv_fp32(x, self.copy) if _one_row(x) else F.linear(x, self.weight)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bf16 copy"
+
+
+class Bf16CopyExperts(Experts):
+    """Routed experts whose single-token products read bf16 copies: gate and up as one [2I, D] matrix (one stream,
+    one call), down [D, I]. More rows use the fp32 stacks, as Experts does."""
+
+    def __init__(self, experts: Experts):
+        nn.Module.__init__(self)
+        self.num_experts = experts.num_experts
+        self.gate_proj, self.up_proj, self.down_proj = experts.gate_proj, experts.up_proj, experts.down_proj
+        with torch.no_grad():
+            self.gate_up_copy = torch.cat([experts.gate_proj, experts.up_proj], dim=1).bfloat16()  # [E, 2I, D]
+            self.down_copy = experts.down_proj.bfloat16()  # [E, D, I]
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        if not _one_row(x):
+            return super().expert(e, x)
+        g, u = cpu_kernels.gemv_fp32(x, self.gate_up_copy[e]).chunk(2, dim=-1)
+        return cpu_kernels.gemv_fp32(F.silu(g) * u, self.down_copy[e])
+
+
+def supported(device: torch.device, dtype: torch.dtype) -> bool:
+    """True where fp32 weights get bf16 copies: an fp32 model on a CPU where kimi's AVX2 gemv builds."""
+    return device.type == "cpu" and dtype == torch.float32 and cpu_kernels.fp32_available()
+
+
+def has_copies(model: nn.Module) -> bool:
+    return any(isinstance(m, (Bf16CopyLinear, Bf16CopyExperts)) for m in model.modules())

@@ -1,0 +1,120 @@
+"""fp32 models streaming bf16 copies of their bf16-exact weights (kimi/ops/bf16_weights.py, the AVX2 gemv of
+kimi/ops/cpu_kernels_fp32.c) against their plain twins: the fp32 product up to summation order, the same greedy
+tokens through the model and the engine (which adds the copies to an fp32 model it loads from a bf16 checkpoint),
+and weights that are not bf16-exact left alone. Skipped where the gemv cannot run (no AVX2 + FMA, no C compiler)."""
+
+import pytest
+import torch
+
+from kimi.engine.engine import LLM
+from kimi.engine.sampling_params import SamplingParams
+from kimi.model.generate import generate
+from kimi.model.loader import load_model, save_model
+from kimi.model.model import build_model
+from kimi.ops import bf16_weights, cpu_kernels
+from kimi.ops.bf16_weights import Bf16CopyExperts, Bf16CopyLinear, has_copies
+from kimi.ops.packed_linear import pack_for_cpu
+from tests.test_model import k2_tiny, kl_tiny
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.fp32_available(),
+                                reason="kimi's fp32 gemv needs AVX2 + FMA and a C compiler")
+FAMILIES = {"k2": k2_tiny, "kimi_linear": kl_tiny}
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("n,k", [(1, 1), (37, 5), (64, 16), (300, 100), (1001, 37), (257, 768)])
+def test_gemv_fp32_is_the_fp32_product(rows, n, k):
+    g = torch.Generator().manual_seed(n * k + rows)
+    x = torch.randn(rows, k, generator=g)
+    w = torch.randn(n, k, generator=g).bfloat16()
+    y = cpu_kernels.gemv_fp32(x, w)
+    ref = (x.double() @ w.double().T)
+    assert y.dtype == torch.float32 and y.shape == (rows, n)
+    # fp32 summation-order error only, on the scale of sum |x| |w| (no rounding of the result to bf16)
+    assert ((y.double() - ref).abs() <= 1e-6 * (x.double().abs() @ w.double().abs().T) + 1e-30).all()
+
+
+def test_gemv_fp32_is_the_same_on_any_number_of_threads_and_rejects_what_it_cannot_compute():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 768, generator=g)
+    w = torch.randn(1024, 768, generator=g).bfloat16()
+    one = cpu_kernels.gemv_fp32(x, w)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = cpu_kernels.gemv_fp32(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert one.shape == (2, 3, 1024) and torch.equal(one, two)
+    with pytest.raises(ValueError, match="fp32"):
+        cpu_kernels.gemv_fp32(x.bfloat16(), w)
+    with pytest.raises(ValueError, match="contiguous bf16"):
+        cpu_kernels.gemv_fp32(x, w.float())
+    with pytest.raises(ValueError, match=r"\[\.\.\., K\]"):
+        cpu_kernels.gemv_fp32(x[..., :700], w)
+
+
+def test_only_bf16_exact_weights_get_copies():
+    assert bf16_weights.bf16_exact(torch.randn(8, 8).bfloat16().float())
+    assert not bf16_weights.bf16_exact(torch.randn(8, 8))
+    model = build_model(k2_tiny(), dtype=torch.float32, seed=1)  # fp32 initialisation: not bf16 numbers
+    assert pack_for_cpu(model) == 0 and not has_copies(model)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_copies_give_the_fp32_logits_and_greedy_tokens(family):
+    plain = build_model(FAMILIES[family](), dtype=torch.bfloat16, seed=3).float().eval()
+    copied = build_model(FAMILIES[family](), dtype=torch.bfloat16, seed=3).float().eval()
+    assert pack_for_cpu(copied) > 0
+    kinds = {type(m) for m in copied.modules()}
+    assert Bf16CopyLinear in kinds and Bf16CopyExperts in kinds
+    for name, m in copied.named_modules():  # what other code reads stays a plain weight
+        if name.endswith("kv_b_proj"):
+            assert type(m) is torch.nn.Linear
+    assert plain.state_dict().keys() == copied.state_dict().keys()
+    with torch.inference_mode():
+        for T in (1, 9):  # one row per sequence goes through the copies; more rows through F.linear
+            ids = torch.randint(0, plain.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
+            want, got = plain(ids), copied(ids)
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    assert generate(plain, [5, 9, 2, 7], 16)[0] == generate(copied, [5, 9, 2, 7], 16)[0]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_engine_adds_copies_to_an_fp32_model_of_a_bf16_checkpoint(family, tmp_path):
+    save_model(build_model(FAMILIES[family](), dtype=torch.bfloat16, seed=4), tmp_path)
+    llm = LLM(tmp_path, dtype=torch.float32, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=128,
+              block_size=8)
+    assert has_copies(llm.model)
+    reference = load_model(tmp_path, dtype=torch.float32).eval()
+    prompts = [[3, 1, 4, 1, 5, 9, 2, 6], [2, 7, 1, 8], [1, 6, 1, 8, 0, 3, 3, 9, 8, 8, 7]]
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    for p, o in zip(prompts, outs):
+        assert o.token_ids == generate(reference, p, 10)[0]
+    save_model(llm.model, tmp_path / "again")  # the weights are still the model's own: it saves as it loaded
+    again = load_model(tmp_path / "again", dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(reference.state_dict().values(), again.state_dict().values()))
+    assert not has_copies(LLM(tmp_path, dtype=torch.float32, max_model_len=128, pack_weights=False).model)
+
+
+def test_without_the_gemv_the_engine_keeps_plain_fp32_weights(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "fp32_available", lambda: False)
+    save_model(build_model(k2_tiny(), dtype=torch.bfloat16, seed=6), tmp_path)
+    llm = LLM(tmp_path, dtype=torch.float32, max_model_len=64, block_size=8)
+    assert not has_copies(llm.model)
+    reference = load_model(tmp_path, dtype=torch.float32).eval()
+    out = llm.generate([[4, 8, 15, 16, 23, 42]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))[0]
+    assert out.token_ids == generate(reference, [4, 8, 15, 16, 23, 42], 6)[0]
+
+
+def test_without_a_compiler_or_when_turned_off_there_are_no_copies(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    probe = ("import torch; from kimi.ops import cpu_kernels, packed_linear; "
+             "print(cpu_kernels.fp32_available(), packed_linear.supported(torch.device('cpu'), torch.float32))")
+    for env in ({"KIMI_CPU_KERNELS": "0"}, {"CC": "false", "KIMI_CACHE_DIR": str(tmp_path)}):  # `false` fails the build
+        out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **env}, capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.strip() == "False False", (env, out.stderr)
