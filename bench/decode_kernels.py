@@ -8,10 +8,12 @@
      CPU has them, and in its fp32 form) vs ops/attention.py's torch path.
   3. fp32 models (CPUs without native bf16): y = x W^T for one fp32 row on the same shapes, kimi's gemv_fp32 reading
      a bf16 copy of a bf16-exact weight (kimi/ops/bf16_weights.py) vs torch's fp32 F.linear on the fp32 weight, as
-     time per product and the GB/s each reads.
+     time per product and the GB/s each reads; and MLA absorbed decode in fp32 over 100 to 32,768 tokens, kimi's
+     mla_decode_fp32 (kv_b_proj's bf16 copy) vs ops/attention.py's torch path.
 Items 1-2 need the AVX-512 kernels, item 3 the AVX2 one; what the CPU cannot run is left out and said so.
 Correctness first, in the same run: gemv within one bf16 rounding (plus fp32 summation noise) of an fp32 product,
-gemv_fp32 within fp32 summation noise of it, the attention kernel within 2^-7 of the torch path's largest output.
+gemv_fp32 within fp32 summation noise of it, the bf16 attention kernel within 2^-7 of the torch path's largest
+output, the fp32 one within 1e-5.
 
     python bench/decode_kernels.py [--threads 1]
 Prints a table, then one JSON line last.
@@ -30,6 +32,7 @@ from engine import K2_BENCH  # bench/engine.py's K2-style model
 from kimi.config import ModelConfig
 from kimi.model.mla import MLA
 from kimi.ops import attention, cpu_kernels
+from kimi.ops.bf16_weights import Bf16CopyLinear
 from kimi.ops.packed_linear import _linear, _pack
 
 SHAPES = [(512, 768), (768, 512), (2048, 768), (768, 2048), (32000, 768)]  # [out, in] as in bench/engine.py's model
@@ -76,6 +79,33 @@ def linear_row_fp32(shape) -> dict:
     return {"shape": list(shape), "us": {"gemv_fp32": t_gemv * 1e6, "F.linear_fp32": t_torch * 1e6},
             "GB_s": {"gemv_fp32": out * inn * 2 / t_gemv / 1e9, "F.linear_fp32": out * inn * 4 / t_torch / 1e9},
             "gemv_fp32_correct": ok, "speedup": t_torch / t_gemv}
+
+
+def attention_row_fp32(mla: MLA, context: int) -> dict:
+    W = mla.kv_lora_rank + mla.qk_rope_head_dim
+    cache = torch.randn(context + 64, W)
+    q_nope = torch.randn(1, 1, mla.num_heads, mla.qk_nope_head_dim)
+    q_pe = torch.randn(1, 1, mla.num_heads, mla.qk_rope_head_dim)
+    rows, mask = slice(32, 32 + context), torch.ones(1, context, dtype=torch.bool)
+    fp32_available = cpu_kernels.fp32_available
+
+    def torch_path():
+        cpu_kernels.fp32_available = lambda: False
+        try:
+            return attention.paged_decode(mla, q_nope, q_pe, cache, rows, mask)
+        finally:
+            cpu_kernels.fp32_available = fp32_available
+
+    def kernel():
+        return cpu_kernels.mla_decode_fp32(mla, q_nope, q_pe, cache, rows, mask.sum(1))
+
+    want = torch_path()
+    ok = bool((kernel() - want).abs().max() <= 1e-5 * want.abs().max())
+    n = max(5, 200 * 512 // max(context, 512))
+    t_torch = best_of(lambda: [torch_path() for _ in range(n)]) / n
+    t_kernel = best_of(lambda: [kernel() for _ in range(n)]) / n
+    return {"context": context, "us": {"kernel": t_kernel * 1e6, "torch": t_torch * 1e6}, "correct": ok,
+            "speedup": t_torch / t_kernel}
 
 
 def attention_row(mla: MLA, context: int) -> dict:
@@ -146,6 +176,14 @@ def main():
                 print(f"fp32 {r['shape'][0]:>6} x {r['shape'][1]:<5} gemv_fp32 (bf16 copy) {u['gemv_fp32']:7.1f} us "
                       f"{g['gemv_fp32']:5.1f} GB/s  F.linear fp32 {u['F.linear_fp32']:7.1f} us "
                       f"{g['F.linear_fp32']:5.1f} GB/s  ({r['speedup']:.2f}x){'' if r['gemv_fp32_correct'] else '  WRONG'}")
+            mla = MLA(ModelConfig.from_dict(K2_BENCH), 0)
+            torch.nn.init.normal_(mla.kv_b_proj.weight, std=0.05)
+            mla.kv_b_proj.weight.data = mla.kv_b_proj.weight.data.bfloat16().float()  # a bf16 checkpoint's weight
+            mla.kv_b_proj = Bf16CopyLinear(mla.kv_b_proj)
+            res["fp32_mla_decode"] = [attention_row_fp32(mla, c) for c in CONTEXTS + [32768]]
+            for r in res["fp32_mla_decode"]:
+                print(f"fp32 MLA decode, context {r['context']:>5}: kernel {r['us']['kernel']:7.1f} us  torch "
+                      f"{r['us']['torch']:7.1f} us  ({r['speedup']:.2f}x){'' if r['correct'] else '  WRONG'}")
     print(json.dumps(res))
 
 

@@ -5,6 +5,7 @@ and weights that are not bf16-exact left alone. Skipped where the gemv cannot ru
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kimi.engine.engine import LLM
 from kimi.engine.sampling_params import SamplingParams
@@ -12,7 +13,7 @@ from kimi.model.generate import generate
 from kimi.model.loader import load_model, save_model
 from kimi.model.model import build_model
 from kimi.ops import bf16_weights, cpu_kernels
-from kimi.ops.bf16_weights import Bf16CopyExperts, Bf16CopyLinear, has_copies
+from kimi.ops.bf16_weights import Bf16CopyExperts, Bf16CopyLinear, Bf16CopyMLP, has_copies
 from kimi.ops.packed_linear import pack_for_cpu
 from tests.test_model import k2_tiny, kl_tiny
 
@@ -67,10 +68,10 @@ def test_copies_give_the_fp32_logits_and_greedy_tokens(family):
     copied = build_model(FAMILIES[family](), dtype=torch.bfloat16, seed=3).float().eval()
     assert pack_for_cpu(copied) > 0
     kinds = {type(m) for m in copied.modules()}
-    assert Bf16CopyLinear in kinds and Bf16CopyExperts in kinds
-    for name, m in copied.named_modules():  # what other code reads stays a plain weight
+    assert Bf16CopyLinear in kinds and Bf16CopyExperts in kinds and Bf16CopyMLP in kinds
+    for name, m in copied.named_modules():  # MLA's absorbed decode reads kv_b_proj's copy and its weight
         if name.endswith("kv_b_proj"):
-            assert type(m) is torch.nn.Linear
+            assert type(m) is Bf16CopyLinear and m.weight.dtype == torch.float32
     assert plain.state_dict().keys() == copied.state_dict().keys()
     with torch.inference_mode():
         for T in (1, 9):  # one row per sequence goes through the copies; more rows through F.linear
@@ -118,3 +119,44 @@ def test_without_a_compiler_or_when_turned_off_there_are_no_copies(tmp_path):
         out = subprocess.run([sys.executable, "-c", probe], env={**os.environ, **env}, capture_output=True, text=True,
                              check=True)
         assert out.stdout.strip() == "False False", (env, out.stderr)
+
+
+@pytest.mark.parametrize("heads,rank", [(8, 256), (11, 37)])  # register blocks only; leftover heads and columns
+def test_mla_decode_fp32_equals_the_torch_path(heads, rank, monkeypatch):
+    from kimi.model.mla import MLA
+    from kimi.ops import attention
+
+    cfg = k2_tiny(num_attention_heads=heads, kv_lora_rank=rank)
+    mla = MLA(cfg, 0)
+    torch.nn.init.normal_(mla.kv_b_proj.weight, std=0.05)
+    mla.kv_b_proj.weight.data = mla.kv_b_proj.weight.data.bfloat16().float()
+    mla.kv_b_proj = Bf16CopyLinear(mla.kv_b_proj)
+    g = torch.Generator().manual_seed(heads)
+    W = rank + mla.qk_rope_head_dim
+    cache = torch.randn(300, W, generator=g)
+    for B, rows, mask in [(1, slice(7, 207), torch.ones(1, 200, dtype=torch.bool)),
+                          (3, torch.randint(0, 300, (3, 50), generator=g), torch.arange(50)[None] < torch.tensor(
+                              [[50], [1], [29]]))]:
+        q_nope = torch.randn(B, 1, heads, mla.qk_nope_head_dim, generator=g)
+        q_pe = torch.randn(B, 1, heads, mla.qk_rope_head_dim, generator=g)
+        got = attention.paged_decode(mla, q_nope, q_pe, cache, rows, mask)
+        with monkeypatch.context() as m:
+            m.setattr(cpu_kernels, "fp32_available", lambda: False)
+            want = attention.paged_decode(mla, q_nope, q_pe, cache, rows, mask)
+        assert got.shape == want.shape == (B, 1, heads, mla.v_head_dim)
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_swiglu_fp32_equals_the_torch_expert():
+    g = torch.Generator().manual_seed(0)
+    D, I = 96, 40
+    x = torch.randn(1, D, generator=g)
+    gate, up, down = (torch.randn(*s, generator=g).bfloat16() for s in ((I, D), (I, D), (D, I)))
+    want = F.linear(F.silu(F.linear(x, gate.float())) * F.linear(x, up.float()), down.float())
+    got = cpu_kernels.swiglu_fp32(x, torch.cat([gate, up]), down)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    total = torch.ones(1, D)
+    assert cpu_kernels.swiglu_fp32(x, torch.cat([gate, up]), down, 0.25, total) is None
+    assert (total - (1 + 0.25 * want)).abs().max() <= 1e-5 * want.abs().max()
+    with pytest.raises(ValueError, match="gate_up"):
+        cpu_kernels.swiglu_fp32(x, gate, down)

@@ -10,9 +10,11 @@ computes the fp32 product, summed in a different order. On an AVX2 EPYC one core
 packed_linear.pack_for_cpu(model) swaps, in place, every fp32 `nn.Linear` and stack of routed experts whose
 weights are all bf16-representable (checked exactly) for a twin that sends single rows to that gemv and everything
 else to torch's fp32 product on the original weight, which it keeps: prefill GEMMs are compute-bound, where fp32
-oneDNN is fastest.
+oneDNN is fastest. A single token through a routed expert or a SwiGLU MLP is one C call (gate and up, silu, down,
+and an expert's weighted add), and MLA's absorbed decode attention is one call per layer.
 The copies cost half the fp32 weights' memory again. Weights that are not bf16-representable (an fp32 checkpoint)
-stay as they are, and so do MLA's kv_b_proj (the absorbed decode form reads its weight) and a tied lm_head. Like
+stay as they are. The twins keep `.weight` (the state dict is unchanged, a tied lm_head stays tied), and MLA's
+absorbed decode reads kv_b_proj's copy too (cpu_kernels.mla_decode_fp32). Like
 packed_linear.py's bf16 packing, this makes the model inference-only: the copies do not follow later weight updates.
 """
 
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kimi.model.layers import MLP
 from kimi.model.moe import Experts
 from kimi.ops import cpu_kernels
 
@@ -44,10 +47,10 @@ class Bf16CopyLinear(nn.Module):
             raise ValueError("Bf16CopyLinear takes bias-free linears only (every kimi projection is bias-free)")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
-        self.copy = linear.weight.detach().bfloat16().contiguous()  # [out, in]
+        self.weight_bf16 = linear.weight.detach().bfloat16().contiguous()  # [out, in]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.gemv_fp32(x, self.copy) if _one_row(x) else F.linear(x, self.weight)
+        return cpu_kernels.gemv_fp32(x, self.weight_bf16) if _one_row(x) else F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16 copy"
@@ -68,8 +71,29 @@ class Bf16CopyExperts(Experts):
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         if not _one_row(x):
             return super().expert(e, x)
-        g, u = cpu_kernels.gemv_fp32(x, self.gate_up_copy[e]).chunk(2, dim=-1)
-        return cpu_kernels.gemv_fp32(F.silu(g) * u, self.down_copy[e])
+        return cpu_kernels.swiglu_fp32(x, self.gate_up_copy[e], self.down_copy[e])
+
+    def _accumulate(self, e: int, x: torch.Tensor, weight: torch.Tensor, total: torch.Tensor) -> None:
+        """Experts._accumulate as one C call (the expert and its weighted add, all fp32)."""
+        if _one_row(x):
+            cpu_kernels.swiglu_fp32(x, self.gate_up_copy[e], self.down_copy[e], float(weight), total)
+        else:
+            super()._accumulate(e, x, weight, total)
+
+
+class Bf16CopyMLP(MLP):
+    """A SwiGLU MLP (shared experts, dense layers) whose linears have bf16 copies: a single row runs as one C call
+    on gate and up stacked into one [2I, D] copy (one weight stream) and down's copy; more rows as MLP does."""
+
+    def __init__(self, mlp: MLP):
+        nn.Module.__init__(self)
+        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
+        self.gate_up_copy = torch.cat([mlp.gate_proj.weight_bf16, mlp.up_proj.weight_bf16])  # [2I, D]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _one_row(x):
+            return cpu_kernels.swiglu_fp32(x, self.gate_up_copy, self.down_proj.weight_bf16).view(x.shape)
+        return super().forward(x)
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:

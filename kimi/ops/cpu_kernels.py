@@ -132,6 +132,11 @@ def _fp32_library() -> ctypes.CDLL | None:
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.kimi_gemv_f32_bf16w.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
     lib.kimi_gemv_f32_bf16w.restype = None
+    lib.kimi_mla_decode_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64,
+                                        ctypes.c_float, ptr, ctypes.c_int]
+    lib.kimi_mla_decode_f32.restype = ctypes.c_int
+    lib.kimi_swiglu_f32.argtypes = [ptr, i64, ptr, ptr, i64, ctypes.c_float, ptr, ptr]
+    lib.kimi_swiglu_f32.restype = ctypes.c_int
     return lib
 
 
@@ -158,6 +163,60 @@ def gemv_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     lib.kimi_gemv_f32_bf16w(x.data_ptr(), x.numel() // K, K, weight.data_ptr(), N, y.data_ptr(),
                             torch.get_num_threads())
     return y
+
+
+def _context(rows: torch.Tensor | slice, lengths: torch.Tensor):
+    """The attention kernels' context arguments: int64 lengths and rows (kept alive by the caller), the rows'
+    pointer (None for a slice), the slice's first row, and S (the rows per sequence)."""
+    lengths = lengths.to(torch.int64).contiguous()
+    if isinstance(rows, slice):
+        return lengths, rows, None, rows.start, rows.stop - rows.start
+    rows = rows.to(torch.int64).contiguous()
+    return lengths, rows, rows.data_ptr(), 0, rows.shape[1]
+
+
+def mla_decode_fp32(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor | slice,
+                    lengths: torch.Tensor) -> torch.Tensor:
+    """mla_decode for fp32 models: the same arguments and result in fp32, with kv_b_proj's bf16 copy
+    (mla.kv_b_proj.weight_bf16, kimi/ops/bf16_weights.py) standing for its bf16-exact weight."""
+    lib = _fp32_library()
+    B, _, H, nope = q_nope.shape
+    weight = getattr(mla.kv_b_proj, "weight_bf16", None)
+    if lib is None or weight is None:
+        raise RuntimeError("mla_decode_fp32 needs kimi's fp32 kernels and a bf16 copy of kv_b_proj's weight")
+    if not (q_nope.dtype == q_pe.dtype == cache.dtype == torch.float32 and cache.is_contiguous()
+            and cache.device.type == "cpu"):
+        raise ValueError("mla_decode_fp32 wants fp32 CPU tensors with a contiguous cache")
+    q_nope, q_pe = q_nope.contiguous(), q_pe.contiguous()
+    lengths, rows, rows_ptr, start, S = _context(rows, lengths)
+    out = q_nope.new_empty(B, 1, H, mla.v_head_dim)
+    if lib.kimi_mla_decode_f32(q_nope.data_ptr(), q_pe.data_ptr(), weight.data_ptr(), cache.data_ptr(), rows_ptr,
+                               start, lengths.data_ptr(), B, S, H, nope, mla.qk_rope_head_dim, mla.v_head_dim,
+                               mla.kv_lora_rank, mla.scale, out.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("mla_decode_fp32 could not allocate its scratch memory")
+    return out
+
+
+def swiglu_fp32(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight: float = 1.0,
+                total: torch.Tensor | None = None) -> torch.Tensor | None:
+    """One fp32 token through a SwiGLU MLP whose weights are bf16 copies, in one call: x [1, D] fp32, gate_up
+    [2I, D] bf16 (gate rows, then up rows), down [D, I] bf16 -> down(silu(gate x) * up x) [1, D] fp32; with total
+    ([1, D] fp32, contiguous), adds weight times that to total in place instead and returns None."""
+    lib = _fp32_library()
+    D, I = down.shape
+    if lib is None:
+        raise RuntimeError("kimi's fp32 kernels are not available here (they need AVX2 + FMA and a C compiler)")
+    if not (x.numel() == D and x.dtype == torch.float32 and gate_up.shape == (2 * I, D)
+            and gate_up.dtype == down.dtype == torch.bfloat16 and gate_up.is_contiguous() and down.is_contiguous()
+            and (total is None or (total.numel() == D and total.dtype == torch.float32 and total.is_contiguous()))):
+        raise ValueError("swiglu_fp32 wants x [1, D] fp32, contiguous bf16 gate_up [2I, D] and down [D, I], and an "
+                         "fp32 contiguous total [1, D] or None")
+    x = x.contiguous()
+    out = None if total is not None else x.new_empty(1, D)
+    if lib.kimi_swiglu_f32(x.data_ptr(), D, gate_up.data_ptr(), down.data_ptr(), I, weight,
+                           None if total is None else total.data_ptr(), None if out is None else out.data_ptr()):
+        raise MemoryError("swiglu_fp32 could not allocate its scratch memory")
+    return out
 
 
 @functools.cache
@@ -205,12 +264,7 @@ def mla_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
             and weight.is_contiguous() and cache.device.type == "cpu"):
         raise ValueError("mla_decode wants bf16 CPU tensors with a contiguous cache and kv_b_proj weight")
     q_nope, q_pe = q_nope.contiguous(), q_pe.contiguous()
-    lengths = lengths.to(torch.int64).contiguous()
-    if isinstance(rows, slice):
-        rows_ptr, start, S = None, rows.start, rows.stop - rows.start
-    else:
-        rows = rows.to(torch.int64).contiguous()
-        rows_ptr, start, S = rows.data_ptr(), 0, rows.shape[1]
+    lengths, rows, rows_ptr, start, S = _context(rows, lengths)
     out = q_nope.new_empty(B, 1, H, mla.v_head_dim)
     if lib.kimi_mla_decode_bf16(q_nope.data_ptr(), q_pe.data_ptr(), weight.data_ptr(), cache.data_ptr(), rows_ptr,
                                 start, lengths.data_ptr(), B, S, H, nope, mla.qk_rope_head_dim, mla.v_head_dim,

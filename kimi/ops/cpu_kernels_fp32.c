@@ -1,8 +1,9 @@
-// kimi's C kernel for fp32 models on CPUs without native bf16 (AVX2 + FMA: most laptops, AMD Zen 2-3), built and
+// kimi's C kernels for fp32 models on CPUs without native bf16 (AVX2 + FMA: most laptops, AMD Zen 2-3), built and
 // loaded by kimi/ops/cpu_kernels.py. Activations and sums are fp32; the weight is read as bf16 and widened in
 // registers, which is exact where the fp32 weight is bf16-representable (a bf16 checkpoint loaded in fp32): the
 // product is the fp32 product, in a different summation order, from half the bytes. Batch-1 decode streams every
-// weight once per token, so half the bytes is up to twice the speed.
+// weight once per token, so half the bytes is up to twice the speed. In file order: gemv, MLA absorbed decode
+// attention, one token's SwiGLU expert.
 //
 // gemv: y = x W^T. x [M, K] fp32, W [N, K] bf16 (row-major, one output feature per row), y [M, N] fp32.
 // Accumulated along K in 4 x 8 lanes, then reduced. W streams one row at a time, start to end (the one sequential
@@ -10,7 +11,9 @@
 // where the plain loop reached ~11 GB/s of ~17 GB/s one core reads); a row, a few KB, is reused from L1 for all M
 // rows of x. A prefetch never faults, so running past the end of W is harmless.
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 static inline __m256 load_bf16(const uint16_t *p) {  // 8 bf16 -> 8 fp32: the bf16 bits are a float's top half
     __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -62,4 +65,154 @@ void kimi_gemv_f32_bf16w(const float *x, int64_t M, int64_t K, const uint16_t *W
     } else {  // no OpenMP region at all: entering one costs microseconds even with one thread
         for (int64_t n = 0; n < N; n++) row(x, M, K, W + n * K, N, n, y);
     }
+}
+
+
+// sum_i a[i] * b[i], a fp32, b bf16
+static inline float dot_bf16(const float *a, const uint16_t *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load_bf16(b + i), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load_bf16(b + i + 8), s1);
+    }
+    float s = reduce_add(_mm256_add_ps(s0, s1));
+    for (; i < n; i++) s += a[i] * from_bf16(b[i]);
+    return s;
+}
+
+// sum_i a[i] * b[i], both fp32
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    __m256 s0 = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), s0);
+    float s = reduce_add(s0);
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+// y[i] += a * x[i], y fp32, x bf16
+static inline void axpy_bf16(float *y, float a, const uint16_t *x, int64_t n) {
+    const __m256 av = _mm256_set1_ps(a);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, _mm256_fmadd_ps(av, load_bf16(x + i), _mm256_loadu_ps(y + i)));
+    for (; i < n; i++) y[i] += a * from_bf16(x[i]);
+}
+
+#define HB 8  // heads per register block in the attention loops below
+
+// dots of one context row with HB heads' queries: out[j] = q[j * W :] . row, q [HB, W], row [W], both fp32. The row
+// is loaded once for all HB heads.
+static inline void dots_block(const float *q, int64_t W, const float *row, float *out) {
+    __m256 acc[HB];
+    for (int j = 0; j < HB; j++) acc[j] = _mm256_setzero_ps();
+    const int64_t W8 = W & ~(int64_t)7;
+    for (int64_t c = 0; c < W8; c += 8) {
+        const __m256 x = _mm256_loadu_ps(row + c);
+        for (int j = 0; j < HB; j++) acc[j] = _mm256_fmadd_ps(_mm256_loadu_ps(q + j * W + c), x, acc[j]);
+    }
+    for (int j = 0; j < HB; j++) {
+        out[j] = reduce_add(acc[j]);
+        for (int64_t c = W8; c < W; c++) out[j] += q[j * W + c] * row[c];
+    }
+}
+
+// o[j, :r] += sum_s p[j * n + s] * rows[s][:r] for HB heads j, eight columns at a time in registers: each row's
+// eight columns are loaded once for all HB heads. Columns past the last multiple of 8 are left to the caller.
+static inline void weighted_rows_block(const float *p, int64_t n, const float *const *rowp, int64_t r, float *o) {
+    for (int64_t c = 0; c + 8 <= r; c += 8) {
+        __m256 acc[HB];
+        for (int j = 0; j < HB; j++) acc[j] = _mm256_loadu_ps(o + j * r + c);
+        for (int64_t s = 0; s < n; s++) {
+            const __m256 x = _mm256_loadu_ps(rowp[s] + c);
+            for (int j = 0; j < HB; j++) acc[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j * n + s), x, acc[j]);
+        }
+        for (int j = 0; j < HB; j++) _mm256_storeu_ps(o + j * r + c, acc[j]);
+    }
+}
+
+static void softmax(float *x, int64_t n) {
+    float m = -INFINITY, sum = 0.0f;
+    for (int64_t i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
+    for (int64_t i = 0; i < n; i++) sum += (x[i] = expf(x[i] - m));
+    const float inv = 1.0f / sum;
+    for (int64_t i = 0; i < n; i++) x[i] *= inv;
+}
+
+// MLA's absorbed decode (k2.md §2.3) for B single-token queries over a paged fp32 latent cache, one call per layer:
+//   q_lat = W_UK^T q_nope; score_s = scale * [q_lat, q_pe] . cache[row_s]; p = softmax(score);
+//   o_lat = sum_s p_s cache[row_s][:r]; out = W_UV o_lat.
+// q_nope [B, H, nope], q_pe [B, H, rope] fp32; kv_b [H, nope + v, r] bf16 (the bf16 copy of kv_b_proj.weight: W_UK
+// rows, then W_UV rows); cache [R, W = r + rope] fp32; rows [B, S] cache rows of each context (or NULL: one
+// sequence at rows start..); lengths [B] (sequence b reads rows[b, :lengths[b]]); out [B, H, v] fp32. All fp32, as
+// ops/attention.py's torch path computes it, summed in another order. The context is read in place, never
+// gathered; each row is read twice (scores, then o_lat). Returns 0, or -1 when scratch memory ran out.
+int kimi_mla_decode_f32(const float *q_nope, const float *q_pe, const uint16_t *kv_b, const float *cache,
+                        const int64_t *rows, int64_t start, const int64_t *lengths, int64_t B, int64_t S, int64_t H,
+                        int64_t nope, int64_t rope, int64_t v, int64_t r, float scale, float *out, int threads) {
+    const int64_t W = r + rope;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && B > 1) reduction(| : failed)
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t n = lengths[b];
+        float *q = (float *)malloc((size_t)(H * W + H * n + H * r) * sizeof(float));
+        const float **rowp = (const float **)malloc((size_t)(n > 0 ? n : 1) * sizeof(*rowp));
+        if (!q || !rowp) {
+            free(q); free(rowp);
+            failed = 1;
+            continue;
+        }
+        float *score = q + H * W, *o = score + H * n;  // [H, W], [H, n], [H, r]
+        for (int64_t s = 0; s < n; s++) rowp[s] = cache + (rows ? rows[b * S + s] : start + s) * W;
+        const int64_t HB_END = H - H % HB, R8 = r & ~(int64_t)7;  // heads and columns the register blocks cover
+        for (int64_t h = 0; h < H; h++) {
+            float *qh = q + h * W;
+            for (int64_t j = 0; j < r; j++) qh[j] = 0.0f;
+            const float *qn = q_nope + (b * H + h) * nope;
+            for (int64_t i = 0; i < nope; i++) axpy_bf16(qh, qn[i], kv_b + (h * (nope + v) + i) * r, r);
+            for (int64_t j = 0; j < rope; j++) qh[r + j] = q_pe[(b * H + h) * rope + j];
+        }
+        for (int64_t s = 0; s < n; s++) {
+            float dots[HB];
+            for (int64_t h = 0; h < HB_END; h += HB) {
+                dots_block(q + h * W, W, rowp[s], dots);
+                for (int j = 0; j < HB; j++) score[(h + j) * n + s] = dots[j] * scale;
+            }
+            for (int64_t h = HB_END; h < H; h++) score[h * n + s] = dot_f32(q + h * W, rowp[s], W) * scale;
+        }
+        for (int64_t h = 0; h < H; h++) {
+            softmax(score + h * n, n);
+            for (int64_t j = 0; j < r; j++) o[h * r + j] = 0.0f;
+        }
+        for (int64_t h = 0; h < HB_END; h += HB) weighted_rows_block(score + h * n, n, rowp, r, o + h * r);
+        for (int64_t s = 0; s < n; s++)  // what the blocks leave: heads past HB_END, columns past R8
+            for (int64_t h = 0; h < H; h++)
+                for (int64_t j = h < HB_END ? R8 : 0; j < r; j++) o[h * r + j] += score[h * n + s] * rowp[s][j];
+        for (int64_t h = 0; h < H; h++)
+            for (int64_t j = 0; j < v; j++)
+                out[(b * H + h) * v + j] = dot_bf16(o + h * r, kv_b + (h * (nope + v) + nope + j) * r, r);
+        free(q);
+        free(rowp);
+    }
+    return failed ? -1 : 0;
+}
+
+// One token through a SwiGLU MLP with bf16 weights, fp32 throughout: [g; u] = gate_up x, h = silu(g) * u,
+// y = down h; x [D], gate_up [2I, D] (gate rows, then up rows), down [D, I]. total == NULL: out = y; else
+// total += weight * y (a routed expert's weighted term, as model/moe.py's Experts._accumulate adds it in fp32).
+// Returns 0, or -1 when scratch memory ran out.
+int kimi_swiglu_f32(const float *x, int64_t D, const uint16_t *gate_up, const uint16_t *down, int64_t I, float weight,
+                    float *total, float *out) {
+    float *gu = (float *)malloc((size_t)(2 * I + D) * sizeof(float));
+    if (!gu) return -1;
+    float *y = gu + 2 * I;
+    for (int64_t n = 0; n < 2 * I; n++) row(x, 1, D, gate_up + n * D, 2 * I, n, gu);
+    for (int64_t i = 0; i < I; i++) gu[i] = gu[i] / (1.0f + expf(-gu[i])) * gu[I + i];
+    for (int64_t n = 0; n < D; n++) row(gu, 1, I, down + n * I, D, n, y);
+    if (total)
+        for (int64_t n = 0; n < D; n++) total[n] += y[n] * weight;
+    else
+        for (int64_t n = 0; n < D; n++) out[n] = y[n];
+    free(gu);
+    return 0;
 }

@@ -235,11 +235,10 @@ def pack_for_cpu(model: nn.Module) -> int:
     changed = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if name in UNPACKED or (tied and name == "lm_head"):
-                continue
-            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16:
+            drops_weight_ok = not (name in UNPACKED or (tied and name == "lm_head"))  # PackedLinear has no .weight
+            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and drops_weight_ok:
                 setattr(parent, name, PackedLinear(child))
-            elif type(child) is nn.Linear and copies and bf16_weights.bf16_exact(child.weight):
+            elif type(child) is nn.Linear and copies and bf16_weights.bf16_exact(child.weight):  # keeps .weight
                 setattr(parent, name, bf16_weights.Bf16CopyLinear(child))
             elif type(child) is Experts and child.gate_proj.dtype == torch.bfloat16:
                 setattr(parent, name, PackedExperts(child))
@@ -255,7 +254,11 @@ def pack_for_cpu(model: nn.Module) -> int:
             changed += 1
     for parent in list(model.modules()):  # MLPs once their linears are packed
         for name, child in list(parent.named_children()):
-            if type(child) is MLP and isinstance(child.gate_proj, PackedLinear) and child.gate_proj.plain is not None \
+            if type(child) is MLP and all(isinstance(m, bf16_weights.Bf16CopyLinear)
+                                          for m in (child.gate_proj, child.up_proj, child.down_proj)):
+                setattr(parent, name, bf16_weights.Bf16CopyMLP(child))
+                changed += 1
+            elif type(child) is MLP and isinstance(child.gate_proj, PackedLinear) and child.gate_proj.plain is not None \
                     and isinstance(child.up_proj, PackedLinear) and isinstance(child.down_proj, PackedLinear):
                 setattr(parent, name, OneRowMLP(child))
                 changed += 1
