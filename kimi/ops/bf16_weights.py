@@ -11,11 +11,11 @@ packed_linear.pack_for_cpu(model) swaps, in place, every fp32 `nn.Linear` and st
 weights are all bf16-representable (checked exactly) for a twin that sends single rows to that gemv and everything
 else to torch's fp32 product on the original weight, which it keeps: prefill GEMMs are compute-bound, where fp32
 oneDNN is fastest. A single token through a routed expert or a SwiGLU MLP is one C call (gate and up, silu, down,
-and an expert's weighted add), and MLA's absorbed decode attention is one call per layer.
-The copies cost half the fp32 weights' memory again. Weights that are not bf16-representable (an fp32 checkpoint)
-stay as they are. The twins keep `.weight` (the state dict is unchanged, a tied lm_head stays tied), and MLA's
-absorbed decode reads kv_b_proj's copy too (cpu_kernels.mla_decode_fp32). Like
-packed_linear.py's bf16 packing, this makes the model inference-only: the copies do not follow later weight updates.
+and an expert's weighted add), and MLA's absorbed decode attention one call per layer reading kv_b_proj's copy
+(cpu_kernels.mla_decode_fp32). The copies cost half the fp32 weights' memory again. Weights that are not
+bf16-representable (an fp32 checkpoint) stay as they are. The twins keep `.weight`, so the state dict is unchanged
+and a tied lm_head stays tied. Like packed_linear.py's bf16 packing, this makes the model inference-only: the copies
+do not follow later weight updates.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from torch import nn
 from kimi.model.layers import MLP
 from kimi.model.moe import Experts
 from kimi.ops import cpu_kernels
+
 
 def bf16_exact(w: torch.Tensor) -> bool:
     """Every element of the fp32 tensor w is a bf16 number (so a bf16 copy loses nothing)."""
@@ -47,10 +48,12 @@ class Bf16CopyLinear(nn.Module):
             raise ValueError("Bf16CopyLinear takes bias-free linears only (every kimi projection is bias-free)")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
-        self.weight_bf16 = linear.weight.detach().bfloat16().contiguous()  # [out, in]
+        self.weight_bf16 = linear.weight.detach().bfloat16().contiguous()  # [out, in]; None once stacked elsewhere
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.gemv_fp32(x, self.weight_bf16) if _one_row(x) else F.linear(x, self.weight)
+        if _one_row(x) and self.weight_bf16 is not None:
+            return cpu_kernels.gemv_fp32(x, self.weight_bf16)
+        return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bf16 copy"
@@ -83,12 +86,14 @@ class Bf16CopyExperts(Experts):
 
 class Bf16CopyMLP(MLP):
     """A SwiGLU MLP (shared experts, dense layers) whose linears have bf16 copies: a single row runs as one C call
-    on gate and up stacked into one [2I, D] copy (one weight stream) and down's copy; more rows as MLP does."""
+    on gate and up stacked into one [2I, D] copy (one weight stream; the two linears drop theirs, as single rows no
+    longer reach them) and down's copy; more rows as MLP does."""
 
     def __init__(self, mlp: MLP):
         nn.Module.__init__(self)
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.gate_up_copy = torch.cat([mlp.gate_proj.weight_bf16, mlp.up_proj.weight_bf16])  # [2I, D]
+        mlp.gate_proj.weight_bf16 = mlp.up_proj.weight_bf16 = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _one_row(x):
