@@ -3,7 +3,7 @@
 // registers, which is exact where the fp32 weight is bf16-representable (a bf16 checkpoint loaded in fp32): the
 // product is the fp32 product, in a different summation order, from half the bytes. Batch-1 decode streams every
 // weight once per token, so half the bytes is up to twice the speed. In file order: gemv, MLA absorbed decode
-// attention, one token's SwiGLU expert.
+// attention, one token through a SwiGLU MLP or routed expert.
 //
 // gemv: y = x W^T. x [M, K] fp32, W [N, K] bf16 (row-major, one output feature per row), y [M, N] fp32.
 // Accumulated along K in 4 x 8 lanes, then reduced. W streams one row at a time, start to end (the one sequential

@@ -16,7 +16,8 @@ a one-row variant that runs a single token's norm, routing, MLP, projections or 
 (kimi/ops/cpu_kernels.py). The model becomes inference-only: a packed weight is an opaque oneDNN tensor, it has no
 gradient, and it is not in the state dict (kimi.model.loader.save_model refuses a packed model). Left as they are:
 MLA's kv_b_proj (its weight is read directly by the absorbed decode form), a tied lm_head (its weight is the
-embedding table), the router's weight (it runs in fp32), and quantised experts.
+embedding table), the router's weight (it runs in fp32), and quantised experts. An fp32 model gets bf16 copies of its
+bf16-exact weights instead (kimi/ops/bf16_weights.py: CPUs without native bf16).
 """
 
 from __future__ import annotations
@@ -223,9 +224,9 @@ class OneRowKDA(KDA):
 
 def pack_for_cpu(model: nn.Module) -> int:
     """Pack `model`'s linears and experts in place (see the module docstring); returns how many modules changed.
-    An fp32 model's bf16-exact linears and experts get bf16 copies instead (kimi/ops/bf16_weights.py; its other
-    weights and modules stay as they are). Raises ValueError
-    where neither applies (not CPU, no oneDNN bf16 for a bf16 model, no AVX2 gemv for an fp32 one)."""
+    An fp32 model's bf16-exact linears, experts and MLPs get bf16 copies instead (kimi/ops/bf16_weights.py; its
+    other weights and modules stay as they are). Raises ValueError where neither applies (not CPU, no oneDNN bf16
+    for a bf16 model, no AVX2 gemv for an fp32 one)."""
     first = next(model.parameters())
     if not supported(first.device, first.dtype):
         raise ValueError(f"packing needs a bfloat16 model on a CPU with oneDNN bf16 kernels, or a float32 model on a "
@@ -235,8 +236,8 @@ def pack_for_cpu(model: nn.Module) -> int:
     changed = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            drops_weight_ok = not (name in UNPACKED or (tied and name == "lm_head"))  # PackedLinear has no .weight
-            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and drops_weight_ok:
+            may_drop_weight = not (name in UNPACKED or (tied and name == "lm_head"))  # PackedLinear has no .weight
+            if type(child) is nn.Linear and child.weight.dtype == torch.bfloat16 and may_drop_weight:
                 setattr(parent, name, PackedLinear(child))
             elif type(child) is nn.Linear and copies and bf16_weights.bf16_exact(child.weight):  # keeps .weight
                 setattr(parent, name, bf16_weights.Bf16CopyLinear(child))
