@@ -81,20 +81,30 @@ def linear_row_fp32(shape) -> dict:
             "gemv_fp32_correct": ok, "speedup": t_torch / t_gemv}
 
 
-def attention_row_fp32(mla: MLA, context: int) -> dict:
+def attention_inputs(mla: MLA, context: int, dtype: torch.dtype):
+    """A cache of context + 64 latent rows, one query, the context's rows (a slice) and its mask."""
     W = mla.kv_lora_rank + mla.qk_rope_head_dim
-    cache = torch.randn(context + 64, W)
-    q_nope = torch.randn(1, 1, mla.num_heads, mla.qk_nope_head_dim)
-    q_pe = torch.randn(1, 1, mla.num_heads, mla.qk_rope_head_dim)
-    rows, mask = slice(32, 32 + context), torch.ones(1, context, dtype=torch.bool)
-    fp32_available = cpu_kernels.fp32_available
+    cache = torch.randn(context + 64, W).to(dtype)
+    q_nope = torch.randn(1, 1, mla.num_heads, mla.qk_nope_head_dim).to(dtype)
+    q_pe = torch.randn(1, 1, mla.num_heads, mla.qk_rope_head_dim).to(dtype)
+    return cache, q_nope, q_pe, slice(32, 32 + context), torch.ones(1, context, dtype=torch.bool)
+
+
+def torch_attention(switch: str, mla: MLA, *inputs) -> torch.Tensor:
+    """ops/attention.py's torch path: paged_decode with cpu_kernels.<switch> (the kernel's dispatch) saying False."""
+    on = getattr(cpu_kernels, switch)
+    setattr(cpu_kernels, switch, lambda: False)
+    try:
+        return attention.paged_decode(mla, *inputs)
+    finally:
+        setattr(cpu_kernels, switch, on)
+
+
+def attention_row_fp32(mla: MLA, context: int) -> dict:
+    cache, q_nope, q_pe, rows, mask = attention_inputs(mla, context, torch.float32)
 
     def torch_path():
-        cpu_kernels.fp32_available = lambda: False
-        try:
-            return attention.paged_decode(mla, q_nope, q_pe, cache, rows, mask)
-        finally:
-            cpu_kernels.fp32_available = fp32_available
+        return torch_attention("fp32_available", mla, q_nope, q_pe, cache, rows, mask)
 
     def kernel():
         return cpu_kernels.mla_decode_fp32(mla, q_nope, q_pe, cache, rows, mask.sum(1))
@@ -109,19 +119,10 @@ def attention_row_fp32(mla: MLA, context: int) -> dict:
 
 
 def attention_row(mla: MLA, context: int) -> dict:
-    W = mla.kv_lora_rank + mla.qk_rope_head_dim
-    cache = torch.randn(context + 64, W).bfloat16()
-    q_nope = torch.randn(1, 1, mla.num_heads, mla.qk_nope_head_dim).bfloat16()
-    q_pe = torch.randn(1, 1, mla.num_heads, mla.qk_rope_head_dim).bfloat16()
-    rows, mask = slice(32, 32 + context), torch.ones(1, context, dtype=torch.bool)
-    available = cpu_kernels.available
+    cache, q_nope, q_pe, rows, mask = attention_inputs(mla, context, torch.bfloat16)
 
     def torch_path():
-        cpu_kernels.available = lambda: False
-        try:
-            return attention.paged_decode(mla, q_nope, q_pe, cache, rows, mask)
-        finally:
-            cpu_kernels.available = available
+        return torch_attention("available", mla, q_nope, q_pe, cache, rows, mask)
 
     bf16_dot = cpu_kernels.bf16_dot
 
