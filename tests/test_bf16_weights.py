@@ -3,6 +3,8 @@ kimi/ops/cpu_kernels_fp32.c) against their plain twins: the fp32 product up to s
 tokens through the model and the engine (which adds the copies to an fp32 model it loads from a bf16 checkpoint),
 and weights that are not bf16-exact left alone. Skipped where the gemv cannot run (no AVX2 + FMA, no C compiler)."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,8 +15,8 @@ from kimi.model.generate import generate
 from kimi.model.loader import load_model, save_model
 from kimi.model.model import build_model
 from kimi.ops import bf16_weights, cpu_kernels
-from kimi.ops.bf16_weights import Bf16CopyExperts, Bf16CopyLinear, Bf16CopyMLP, has_copies
-from kimi.ops.packed_linear import pack_for_cpu
+from kimi.ops.bf16_weights import Bf16CopyExperts, Bf16CopyLinear, Bf16CopyMoE, has_copies
+from kimi.ops.packed_linear import OneRowMLA, OneRowMLP, OneRowRMSNorm, OneRowRouter, pack_for_cpu
 from tests.test_model import k2_tiny, kl_tiny
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.fp32_available(),
@@ -59,7 +61,8 @@ def test_only_bf16_exact_weights_get_copies():
     assert bf16_weights.bf16_exact(torch.randn(8, 8).bfloat16().float())
     assert not bf16_weights.bf16_exact(torch.randn(8, 8))
     model = build_model(k2_tiny(), dtype=torch.float32, seed=1)  # fp32 initialisation: not bf16 numbers
-    assert pack_for_cpu(model) == 0 and not has_copies(model)
+    pack_for_cpu(model)  # the norms, router and MLA's projection tail still get their one-row twins
+    assert not has_copies(model) and not any(isinstance(m, OneRowMLP) for m in model.modules())
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -68,7 +71,7 @@ def test_copies_give_the_fp32_logits_and_greedy_tokens(family):
     copied = build_model(FAMILIES[family](), dtype=torch.bfloat16, seed=3).float().eval()
     assert pack_for_cpu(copied) > 0
     kinds = {type(m) for m in copied.modules()}
-    assert Bf16CopyLinear in kinds and Bf16CopyExperts in kinds and Bf16CopyMLP in kinds
+    assert {Bf16CopyLinear, Bf16CopyExperts, Bf16CopyMoE, OneRowMLP, OneRowMLA, OneRowRMSNorm, OneRowRouter} <= kinds
     for name, m in copied.named_modules():  # MLA's absorbed decode reads kv_b_proj's copy and its weight
         if name.endswith("kv_b_proj"):
             assert type(m) is Bf16CopyLinear and m.weight.dtype == torch.float32
@@ -160,3 +163,50 @@ def test_swiglu_fp32_equals_the_torch_expert():
     assert (total - (1 + 0.25 * want)).abs().max() <= 1e-5 * want.abs().max()
     with pytest.raises(ValueError, match="gate_up"):
         cpu_kernels.swiglu_fp32(x, gate, down)
+
+
+@pytest.mark.parametrize("config", [k2_tiny, kl_tiny, lambda: k2_tiny(n_shared_experts=0)],
+                         ids=["k2", "kimi_linear", "k2_without_shared_experts"])
+def test_one_token_blocks_equal_their_torch_twins(config):
+    """For one fp32 token each block is one C call after pack_for_cpu: RMSNorm, routing, all of MLA.project (the
+    stacked products, K2's q norm and q_b_proj, the latent's norm and the rotations) and a whole MoE block (routing,
+    the chosen experts, the shared experts). Each equals its plain module up to fp32 summation order, and routes to
+    the same experts."""
+    plain = build_model(config(), dtype=torch.bfloat16, seed=7).float().eval()
+    fast = copy.deepcopy(plain)
+    pack_for_cpu(fast)
+    twins = dict(fast.named_modules())
+    g = torch.Generator().manual_seed(1)
+    positions = torch.tensor([[11]])
+    seen = set()
+
+    def close(got, want):
+        assert got.shape == want.shape and (got - want).abs().max() <= 2e-6 * want.abs().max()
+
+    with torch.inference_mode():
+        for name, module in plain.named_modules():
+            twin = twins[name]
+            x = 3 * torch.randn(1, 1, plain.config.hidden_size, generator=g)
+            if type(module).__name__ == "RMSNorm" and module.weight.shape[0] == x.shape[-1]:
+                close(twin(x), module(x))
+            elif type(module).__name__ == "Router":
+                (i_got, w_got), (i_want, w_want) = twin(x[0]), module(x[0])
+                assert torch.equal(i_got, i_want)
+                close(w_got, w_want)
+            elif type(module).__name__ == "MLA":
+                for got, want in zip(twin.project(x, positions), module.project(x, positions)):
+                    close(got, want)
+            elif type(module).__name__ == "MoE":
+                close(twin(x), module(x))
+            else:
+                continue
+            seen.add(type(twin))
+    assert {OneRowRMSNorm, OneRowRouter, OneRowMLA, Bf16CopyMoE} <= seen
+    bad = torch.randn(1, 7)
+    with pytest.raises(ValueError, match="one fp32 token"):
+        cpu_kernels.moe_one_fp32(next(m for m in fast.modules() if isinstance(m, Bf16CopyMoE)), bad)
+    with pytest.raises(ValueError, match="one fp32 token"):
+        cpu_kernels.mla_project_x_fp32(*next((m, m.in_plain) for m in fast.modules() if isinstance(m, OneRowMLA)),
+                                       bad, None, None)
+    with pytest.raises(ValueError, match="both bf16 or both fp32"):
+        cpu_kernels.rms_norm(bad, torch.ones(7, dtype=torch.bfloat16), 1e-6)

@@ -67,7 +67,7 @@ def paged_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Ten
     if (cache.dtype == torch.bfloat16 and cache.device.type == "cpu" and cpu_kernels.available()
             and mask.shape[1] <= c_kernel_max_context()):
         return cpu_kernels.mla_decode(mla, q_nope, q_pe, cache, rows, mask.sum(1))
-    if (cache.dtype == torch.float32 and cache.device.type == "cpu" and hasattr(mla.kv_b_proj, "weight_bf16")
+    if (cache.dtype == torch.float32 and cache.device.type == "cpu" and hasattr(mla.kv_b_proj, "plain")
             and mask.shape[1] <= FP32_KERNEL_MAX_CONTEXT and cpu_kernels.fp32_available()):
         return cpu_kernels.mla_decode_fp32(mla, q_nope, q_pe, cache, rows, mask.sum(1))
     if isinstance(rows, slice):

@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi.model.layers import MLP
-from kimi.model.moe import Experts
+from kimi.model.moe import Experts, MoE
 from kimi.ops import cpu_kernels
 
 
@@ -48,11 +47,11 @@ class Bf16CopyLinear(nn.Module):
             raise ValueError("Bf16CopyLinear takes bias-free linears only (every kimi projection is bias-free)")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = linear.weight
-        self.weight_bf16 = linear.weight.detach().bfloat16().contiguous()  # [out, in]; None once stacked elsewhere
+        self.plain = linear.weight.detach().bfloat16().contiguous()  # [out, in]; None once stacked elsewhere
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _one_row(x) and self.weight_bf16 is not None:
-            return cpu_kernels.gemv_fp32(x, self.weight_bf16)
+        if _one_row(x) and self.plain is not None:
+            return cpu_kernels.gemv_fp32(x, self.plain)
         return F.linear(x, self.weight)
 
     def extra_repr(self) -> str:
@@ -84,20 +83,30 @@ class Bf16CopyExperts(Experts):
             super()._accumulate(e, x, weight, total)
 
 
-class Bf16CopyMLP(MLP):
-    """A SwiGLU MLP (shared experts, dense layers) whose linears have bf16 copies: a single row runs as one C call
-    on gate and up stacked into one [2I, D] copy (one weight stream; the two linears drop theirs, as single rows no
-    longer reach them) and down's copy; more rows as MLP does."""
+class Bf16CopyMoE(MoE):
+    """An MoE block whose routed experts (and shared experts, if any) have bf16 copies: one fp32 token runs through
+    it as one C call (cpu_kernels.moe_one_fp32: routing, the chosen experts in ascending id, the shared experts),
+    instead of ~15 torch ops and module calls. More rows run as MoE does."""
 
-    def __init__(self, mlp: MLP):
+    def __init__(self, moe: MoE):
         nn.Module.__init__(self)
-        self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
-        self.gate_up_copy = torch.cat([mlp.gate_proj.weight_bf16, mlp.up_proj.weight_bf16])  # [2I, D]
-        mlp.gate_proj.weight_bf16 = mlp.up_proj.weight_bf16 = None
+        self.gate, self.experts = moe.gate, moe.experts
+        self.shared_gate_up = self.shared_down = None  # [2Is, D], [D, Is] bf16, or None without shared experts
+        if hasattr(moe, "shared_experts"):
+            self.shared_experts = moe.shared_experts
+            self.shared_gate_up, self.shared_down = moe.shared_experts.gate_up_plain, moe.shared_experts.down_proj.plain
+
+    @staticmethod
+    def applies(moe: MoE) -> bool:
+        """True for an fp32 MoE whose experts and shared experts packed_linear.pack_for_cpu gave bf16 copies."""
+        shared = getattr(moe, "shared_experts", None)
+        return (isinstance(moe.experts, Bf16CopyExperts) and moe.gate.weight.dtype == torch.float32
+                and (shared is None or (getattr(shared, "gate_up_plain", None) is not None
+                                        and shared.down_proj.plain is not None)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _one_row(x):
-            return cpu_kernels.swiglu_fp32(x, self.gate_up_copy, self.down_proj.weight_bf16).view(x.shape)
+            return cpu_kernels.moe_one_fp32(self, x).view(x.shape)
         return super().forward(x)
 
 

@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include "cpu_route.h"
 
 static inline __m512 load_bf16(const uint16_t *p) {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p));
@@ -441,49 +442,15 @@ int kimi_swiglu_one_bf16(const uint16_t *x, int64_t D, const uint16_t *gate_up, 
     return 0;
 }
 
-// MoE routing of one token (model/moe.py's Router): s = sigmoid(x W^T) in fp32 over E experts; the choice uses
-// s + bias: with n_group > 1 each group is scored by the sum of its top two and only the best topk_group groups
-// stay; then the k best experts, best first; their weights are the unbiased s, normalised to sum 1 when norm, times
-// scaling. x [D] bf16 (taken to fp32), W [E, D] bf16, bias [E] fp32 -> idx [k], w [k] fp32. E <= 1024.
+// MoE routing of one token (model/moe.py's Router): s = sigmoid(x W^T) in fp32 over E experts, then cpu_route.h's
+// selection. x [D] bf16 (taken to fp32), W [E, D] bf16, bias [E] fp32 -> idx [k], w [k] fp32. E <= 1024.
 void kimi_route_one_bf16(const uint16_t *x, int64_t D, const uint16_t *W, const float *bias, int64_t E,
                          int64_t n_group, int64_t topk_group, int64_t k, int norm, float scaling, int64_t *idx,
                          float *w) {
-    float xf[D], s[1024], choice[1024];
+    float xf[D], s[1024];
     for (int64_t i = 0; i < D; i++) xf[i] = from_bf16(x[i]);
-    for (int64_t e = 0; e < E; e++) {
-        s[e] = 1.0f / (1.0f + expf(-dot_f32_bf16(xf, W + e * D, D)));
-        choice[e] = s[e] + bias[e];
-    }
-    if (n_group > 1) {
-        const int64_t per = E / n_group;
-        float gscore[1024];
-        for (int64_t g = 0; g < n_group; g++) {
-            float a = -INFINITY, b = -INFINITY;  // the group's two largest
-            for (int64_t e = g * per; e < (g + 1) * per; e++) {
-                if (choice[e] > a) { b = a; a = choice[e]; } else if (choice[e] > b) b = choice[e];
-            }
-            gscore[g] = a + b;
-        }
-        for (int64_t t = 0; t < n_group - topk_group; t++) {  // drop the worst groups, one at a time
-            int64_t worst = -1;
-            for (int64_t g = 0; g < n_group; g++)
-                if (gscore[g] != INFINITY && (worst < 0 || gscore[g] < gscore[worst])) worst = g;
-            gscore[worst] = INFINITY;  // marks it dropped
-            for (int64_t e = worst * per; e < (worst + 1) * per; e++) choice[e] = -INFINITY;
-        }
-    }
-    float sum = 0.0f;
-    for (int64_t j = 0; j < k; j++) {  // best first; ties to the lower id
-        int64_t best = -1;
-        for (int64_t e = 0; e < E; e++)
-            if (choice[e] != -INFINITY && (best < 0 || choice[e] > choice[best])) best = e;
-        if (best < 0) best = 0;
-        idx[j] = best;
-        w[j] = s[best];
-        sum += s[best];
-        choice[best] = -INFINITY;
-    }
-    for (int64_t j = 0; j < k; j++) w[j] = (norm ? w[j] / (sum + 1e-20f) : w[j]) * scaling;
+    for (int64_t e = 0; e < E; e++) s[e] = 1.0f / (1.0f + expf(-dot_f32_bf16(xf, W + e * D, D)));
+    route_select(s, bias, E, n_group, topk_group, k, norm, scaling, idx, w);
 }
 
 // y[j] = a * y[j] for j < n, and acc[j] += b * y[j] (after the scaling); fp32

@@ -55,7 +55,7 @@ def _cache_dir() -> Path:
 
 
 def _build(source: Path, flags: list[str]) -> Path:
-    src = source.read_bytes()
+    src = source.read_bytes() + b"".join(h.read_bytes() for h in sorted(source.parent.glob("*.h")))  # + headers
     key = hashlib.sha256(src + " ".join(flags).encode()).hexdigest()[:16]
     lib = _cache_dir() / f"{source.stem}-{key}.so"
     if not lib.exists():
@@ -137,12 +137,38 @@ def _fp32_library() -> ctypes.CDLL | None:
     lib.kimi_mla_decode_f32.restype = ctypes.c_int
     lib.kimi_swiglu_f32.argtypes = [ptr, i64, ptr, ptr, i64, ctypes.c_float, ptr, ptr]
     lib.kimi_swiglu_f32.restype = ctypes.c_int
+    lib.kimi_rmsnorm_f32.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
+    lib.kimi_rmsnorm_f32.restype = None
+    lib.kimi_mla_project_one_f32.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_float, ptr, ptr, ptr, ptr]
+    lib.kimi_mla_project_one_f32.restype = None
+    lib.kimi_route_one_f32.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr]
+    lib.kimi_route_one_f32.restype = None
+    lib.kimi_mla_project_x_f32.argtypes = [ptr, i64, ptr, i64, ptr, ctypes.c_float, ptr, i64, i64, i64, i64, ptr,
+                                           ctypes.c_float, ptr, ptr, ptr, ptr, ptr]
+    lib.kimi_mla_project_x_f32.restype = ctypes.c_int
+    lib.kimi_moe_one_f32.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr,
+                                     i64, ptr, ptr, i64, ptr]
+    lib.kimi_moe_one_f32.restype = ctypes.c_int
     return lib
 
 
 def fp32_available() -> bool:
     """True where gemv_fp32 runs: a CPU with AVX2 + FMA and a C compiler that built cpu_kernels_fp32.c."""
     return _fp32_library() is not None
+
+
+def runs(dtype: torch.dtype) -> bool:
+    """True where the one-row kernels for tensors of `dtype` run: bf16 (cpu_kernels.c) or fp32 (cpu_kernels_fp32.c)."""
+    return available() if dtype == torch.bfloat16 else fp32_available() if dtype == torch.float32 else False
+
+
+def _library_for(dtype: torch.dtype) -> ctypes.CDLL:
+    """The library whose kernels take `dtype` (bf16 or fp32) tensors; RuntimeError where it does not run."""
+    if dtype == torch.float32:
+        if _fp32_library() is None:
+            raise RuntimeError("kimi's fp32 kernels are not available here (they need AVX2 + FMA and a C compiler)")
+        return _fp32_library()
+    return _loaded()
 
 
 def gemv_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -178,10 +204,10 @@ def _context(rows: torch.Tensor | slice, lengths: torch.Tensor):
 def mla_decode_fp32(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor | slice,
                     lengths: torch.Tensor) -> torch.Tensor:
     """mla_decode for fp32 models: the same arguments and result in fp32, with kv_b_proj's bf16 copy
-    (mla.kv_b_proj.weight_bf16, kimi/ops/bf16_weights.py) standing for its bf16-exact weight."""
+    (mla.kv_b_proj.plain, kimi/ops/bf16_weights.py) standing for its bf16-exact weight."""
     lib = _fp32_library()
     B, _, H, nope = q_nope.shape
-    weight = getattr(mla.kv_b_proj, "weight_bf16", None)
+    weight = getattr(mla.kv_b_proj, "plain", None)
     if lib is None or weight is None:
         raise RuntimeError("mla_decode_fp32 needs kimi's fp32 kernels and a bf16 copy of kv_b_proj's weight")
     if not (q_nope.dtype == q_pe.dtype == cache.dtype == torch.float32 and cache.is_contiguous()
@@ -216,6 +242,72 @@ def swiglu_fp32(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weig
     if lib.kimi_swiglu_f32(x.data_ptr(), D, gate_up.data_ptr(), down.data_ptr(), I, weight,
                            None if total is None else total.data_ptr(), None if out is None else out.data_ptr()):
         raise MemoryError("swiglu_fp32 could not allocate its scratch memory")
+    return out
+
+
+def mla_project_x_fp32(mla, x: torch.Tensor, in_weight: torch.Tensor, cos: torch.Tensor | None,
+                       sin: torch.Tensor | None):
+    """model/mla.py's MLA.project for one fp32 token, from the layer input x [D] in one call: in_weight [n_q + r +
+    rope, D] bf16 is q_a_proj's (K2) or q_proj's rows stacked on kv_a_proj_with_mqa's (bf16 copies); K2's q_b_proj
+    reads its copy mla.q_b_proj.plain. cos/sin [rope / 2] fp32 (None: NoPE) -> q_nope [1, 1, H, nope], q_pe [1, 1,
+    H, rope], latent [1, 1, r + rope], as mla_project_one returns them."""
+    lib = _library_for(torch.float32)
+    H, nope, rope, r = mla.num_heads, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.kv_lora_rank
+    n_q = in_weight.shape[0] - r - rope
+    q_lora = hasattr(mla, "q_b_proj")
+    q_b = mla.q_b_proj.plain if q_lora else None
+    D = in_weight.shape[1]
+    if not (x.numel() == D and x.dtype == torch.float32 and in_weight.dtype == torch.bfloat16
+            and in_weight.is_contiguous() and (n_q == H * (nope + rope) if not q_lora else q_b is not None
+                                               and q_b.shape == (H * (nope + rope), n_q) and q_b.is_contiguous())
+            and (cos is None or (cos.dtype == sin.dtype == torch.float32 and cos.numel() == sin.numel() == rope // 2))):
+        raise ValueError(f"mla_project_x_fp32 wants one fp32 token of {D} values, a contiguous bf16 input weight "
+                         f"[n_q + {r + rope}, D] (and q_b_proj's bf16 copy [{H * (nope + rope)}, n_q] for a low-rank q) "
+                         f"and fp32 cos/sin [{rope // 2}]; got x {tuple(x.shape)} {x.dtype}, weight "
+                         f"{tuple(in_weight.shape)} {in_weight.dtype}")
+    x = x.contiguous()
+    q = x.new_empty(1, 1, H, nope + rope)
+    q_pe = x.new_empty(1, 1, H, rope)
+    latent = x.new_empty(1, 1, r + rope)
+    q_norm = mla.q_a_layernorm if q_lora else None
+    if cos is not None:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    if lib.kimi_mla_project_x_f32(x.data_ptr(), D, in_weight.data_ptr(), n_q,
+                                  q_norm.weight.data_ptr() if q_lora else None, q_norm.eps if q_lora else 0.0,
+                                  q_b.data_ptr() if q_lora else None, H, nope, rope, r,
+                                  mla.kv_a_layernorm.weight.data_ptr(), mla.kv_a_layernorm.eps,
+                                  None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(),
+                                  q.data_ptr(), q_pe.data_ptr(), latent.data_ptr()):
+        raise MemoryError("mla_project_x_fp32 could not allocate its scratch memory")
+    return q[..., :nope], q_pe, latent
+
+
+def moe_one_fp32(moe, x: torch.Tensor) -> torch.Tensor:
+    """model/moe.py's MoE for one fp32 token x [1, D] in one call (routing, the chosen experts, the shared experts),
+    for bf16_weights.Bf16CopyMoE: the router's fp32 weight, the experts' bf16 copies (gate_up_copy [E, 2I, D],
+    down_copy [E, D, I]) and the shared experts' (moe.shared_gate_up [2Is, D], moe.shared_down [D, Is], or None)
+    -> [1, D] fp32."""
+    lib = _library_for(torch.float32)
+    router, experts = moe.gate, moe.experts
+    weight, bias = router.weight.detach(), router.e_score_correction_bias
+    E, D = weight.shape
+    I = experts.down_copy.shape[2]
+    sgu, sd = moe.shared_gate_up, moe.shared_down
+    if not (x.numel() == D and x.dtype == weight.dtype == bias.dtype == torch.float32 and weight.is_contiguous()
+            and E <= 1024 and experts.gate_up_copy.shape == (E, 2 * I, D) and experts.down_copy.shape == (E, D, I)
+            and (sgu is None or (sgu.dtype == sd.dtype == torch.bfloat16 and sgu.shape[1] == sd.shape[0] == D
+                                 and sgu.shape[0] == 2 * sd.shape[1] and sgu.is_contiguous() and sd.is_contiguous()))):
+        raise ValueError(f"moe_one_fp32 wants one fp32 token of {D} values, an fp32 router of at most 1024 experts, "
+                         f"expert copies [E, 2I, D] and [E, D, I] and shared copies [2Is, D] and [D, Is] (or none); "
+                         f"got x {tuple(x.shape)} {x.dtype}, router {tuple(weight.shape)} {weight.dtype}")
+    x = x.contiguous()
+    out = x.new_empty(1, D)
+    if lib.kimi_moe_one_f32(x.data_ptr(), D, weight.data_ptr(), bias.data_ptr(), E, router.n_group,
+                            router.topk_group, router.top_k, int(router.norm_topk_prob), router.scaling,
+                            experts.gate_up_copy.data_ptr(), experts.down_copy.data_ptr(), I,
+                            None if sgu is None else sgu.data_ptr(), None if sd is None else sd.data_ptr(),
+                            0 if sd is None else sd.shape[1], out.data_ptr()):
+        raise MemoryError("moe_one_fp32 could not allocate its scratch memory")
     return out
 
 
@@ -275,39 +367,44 @@ def mla_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """model/layers.py's RMSNorm in one call: x [..., D] bf16, weight [D] bf16 -> [..., D] bf16."""
-    lib = _loaded()
+    """model/layers.py's RMSNorm in one call: x [..., D], weight [D], both bf16 or both fp32, on the CPU ->
+    [..., D] of their dtype."""
     D = x.shape[-1]
-    if not (x.dtype == weight.dtype == torch.bfloat16 and weight.shape == (D,) and x.device.type == "cpu"
-            and weight.is_contiguous()):
-        raise ValueError(f"rms_norm wants x [..., D] and a contiguous weight [D], bf16 on the CPU; got x "
-                         f"{tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    if not (x.dtype == weight.dtype in (torch.bfloat16, torch.float32) and weight.shape == (D,)
+            and x.device.type == "cpu" and weight.is_contiguous()):
+        raise ValueError(f"rms_norm wants x [..., D] and a contiguous weight [D], both bf16 or both fp32, on the CPU; "
+                         f"got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    lib = _library_for(x.dtype)
     x = x.contiguous()
     y = torch.empty_like(x)
-    lib.kimi_rmsnorm_bf16(x.data_ptr(), x.numel() // D, D, weight.data_ptr(), eps, y.data_ptr())
+    norm = lib.kimi_rmsnorm_f32 if x.dtype == torch.float32 else lib.kimi_rmsnorm_bf16
+    norm(x.data_ptr(), x.numel() // D, D, weight.data_ptr(), eps, y.data_ptr())
     return y
 
 
 def mla_project_one(mla, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None):
-    """The tail of model/mla.py's MLA.project for one token, bf16: q [H * (nope + rope)] (q_b_proj's or q_proj's
-    output), kv [r + rope] (kv_a_proj_with_mqa's), cos/sin [rope / 2] fp32 (None: NoPE) -> q_nope [1, 1, H, nope],
-    q_pe [1, 1, H, rope] (rotated), latent [1, 1, r + rope] (kv_a_layernorm(c_kv), then the rotated k_pe)."""
-    lib = _loaded()
+    """The tail of model/mla.py's MLA.project for one token, bf16 or fp32 (the layer's dtype): q [H * (nope + rope)]
+    (q_b_proj's or q_proj's output), kv [r + rope] (kv_a_proj_with_mqa's), cos/sin [rope / 2] fp32 (None: NoPE) ->
+    q_nope [1, 1, H, nope], q_pe [1, 1, H, rope] (rotated), latent [1, 1, r + rope] (kv_a_layernorm(c_kv), then the
+    rotated k_pe)."""
     H, nope, rope, r = mla.num_heads, mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.kv_lora_rank
     norm = mla.kv_a_layernorm
-    if not (q.numel() == H * (nope + rope) and kv.numel() == r + rope and q.dtype == kv.dtype == norm.weight.dtype
-            == torch.bfloat16 and (cos is None or (cos.dtype == sin.dtype == torch.float32
-                                                   and cos.numel() == sin.numel() == rope // 2))):
-        raise ValueError(f"mla_project_one wants one token's bf16 q [{H * (nope + rope)}] and kv [{r + rope}] and fp32 "
-                         f"cos/sin [{rope // 2}]; got q {tuple(q.shape)} {q.dtype}, kv {tuple(kv.shape)} {kv.dtype}")
+    if not (q.numel() == H * (nope + rope) and kv.numel() == r + rope
+            and q.dtype == kv.dtype == norm.weight.dtype in (torch.bfloat16, torch.float32)
+            and (cos is None or (cos.dtype == sin.dtype == torch.float32 and cos.numel() == sin.numel() == rope // 2))):
+        raise ValueError(f"mla_project_one wants one token's q [{H * (nope + rope)}] and kv [{r + rope}] in the layer's "
+                         f"dtype (bf16 or fp32) and fp32 cos/sin [{rope // 2}]; got q {tuple(q.shape)} {q.dtype}, kv "
+                         f"{tuple(kv.shape)} {kv.dtype}")
+    lib = _library_for(q.dtype)
     q, kv = q.contiguous(), kv.contiguous()
     if cos is not None:
         cos, sin = cos.contiguous(), sin.contiguous()
     q_pe = q.new_empty(1, 1, H, rope)
     latent = q.new_empty(1, 1, r + rope)
-    lib.kimi_mla_project_one_bf16(q.data_ptr(), H, nope, rope, kv.data_ptr(), r, norm.weight.contiguous().data_ptr(),
-                                  norm.eps, None if cos is None else cos.data_ptr(),
-                                  None if sin is None else sin.data_ptr(), q_pe.data_ptr(), latent.data_ptr())
+    project = lib.kimi_mla_project_one_f32 if q.dtype == torch.float32 else lib.kimi_mla_project_one_bf16
+    project(q.data_ptr(), H, nope, rope, kv.data_ptr(), r, norm.weight.contiguous().data_ptr(), norm.eps,
+            None if cos is None else cos.data_ptr(), None if sin is None else sin.data_ptr(), q_pe.data_ptr(),
+            latent.data_ptr())
     return q.view(1, 1, H, nope + rope)[..., :nope], q_pe, latent
 
 
@@ -333,19 +430,22 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight: f
 
 
 def route_one(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """model/moe.py's Router.forward for one bf16 token x [1, D] -> (expert ids [1, k] int64, weights [1, k] fp32)."""
-    lib = _loaded()
+    """model/moe.py's Router.forward for one token x [1, D], bf16 or fp32 like the router's weight -> (expert ids
+    [1, k] int64, weights [1, k] fp32)."""
     weight, bias = router.weight.detach(), router.e_score_correction_bias.float().contiguous()
     E, D = weight.shape
-    if not (x.numel() == D and x.dtype == weight.dtype == torch.bfloat16 and weight.is_contiguous() and E <= 1024):
-        raise ValueError(f"route_one wants one bf16 row of {D} values and a contiguous bf16 router weight of at most "
-                         f"1024 experts; got x {tuple(x.shape)} {x.dtype}, weight {tuple(weight.shape)} {weight.dtype}")
+    if not (x.numel() == D and x.dtype == weight.dtype in (torch.bfloat16, torch.float32) and weight.is_contiguous()
+            and E <= 1024):
+        raise ValueError(f"route_one wants one row of {D} values and a contiguous router weight of at most 1024 "
+                         f"experts, both bf16 or both fp32; got x {tuple(x.shape)} {x.dtype}, weight "
+                         f"{tuple(weight.shape)} {weight.dtype}")
+    lib = _library_for(x.dtype)
     x = x.contiguous()
     idx = torch.empty(1, router.top_k, dtype=torch.int64)
     w = torch.empty(1, router.top_k, dtype=torch.float32)
-    lib.kimi_route_one_bf16(x.data_ptr(), D, weight.data_ptr(), bias.data_ptr(), E, router.n_group,
-                            router.topk_group, router.top_k, int(router.norm_topk_prob), router.scaling,
-                            idx.data_ptr(), w.data_ptr())
+    route = lib.kimi_route_one_f32 if x.dtype == torch.float32 else lib.kimi_route_one_bf16
+    route(x.data_ptr(), D, weight.data_ptr(), bias.data_ptr(), E, router.n_group, router.topk_group, router.top_k,
+          int(router.norm_topk_prob), router.scaling, idx.data_ptr(), w.data_ptr())
     return idx, w
 
 

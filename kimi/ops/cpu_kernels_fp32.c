@@ -3,7 +3,9 @@
 // registers, which is exact where the fp32 weight is bf16-representable (a bf16 checkpoint loaded in fp32): the
 // product is the fp32 product, in a different summation order, from half the bytes. Batch-1 decode streams every
 // weight once per token, so half the bytes is up to twice the speed. In file order: gemv, MLA absorbed decode
-// attention, one token through a SwiGLU MLP or routed expert.
+// attention, one token through a SwiGLU MLP or routed expert; then the small per-token steps that in torch are
+// several ops each (~5-20 us apiece, ~100 per token at bench size): RMSNorm, MLA's projections for one token,
+// one token's MoE routing and a whole MoE block for one token.
 //
 // gemv: y = x W^T. x [M, K] fp32, W [N, K] bf16 (row-major, one output feature per row), y [M, N] fp32.
 // Accumulated along K in 4 x 8 lanes, then reduced. W streams one row at a time, start to end (the one sequential
@@ -14,6 +16,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include "cpu_route.h"
 
 static inline __m256 load_bf16(const uint16_t *p) {  // 8 bf16 -> 8 fp32: the bf16 bits are a float's top half
     __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -214,5 +217,97 @@ int kimi_swiglu_f32(const float *x, int64_t D, const uint16_t *gate_up, const ui
     else
         for (int64_t n = 0; n < D; n++) out[n] = y[n];
     free(gu);
+    return 0;
+}
+
+// model/layers.py's RMSNorm on M fp32 rows: y = w * (x * r), r = 1 / sqrt(mean(x^2) + eps); x, y [M, D], w [D].
+// y may be x.
+void kimi_rmsnorm_f32(const float *x, int64_t M, int64_t D, const float *w, float eps, float *y) {
+    for (int64_t m = 0; m < M; m++) {
+        const float r = 1.0f / sqrtf(dot_f32(x + m * D, x + m * D, D) / (float)D + eps);
+        for (int64_t i = 0; i < D; i++) y[m * D + i] = w[i] * (x[m * D + i] * r);
+    }
+}
+
+// rotate interleaved pairs (x[2j], x[2j+1]) of one vector by angle j and write them de-interleaved, [rotated evens |
+// rotated odds] (model/layers.py's apply_rope); cos, sin [dim / 2]
+static void rope_one(const float *x, int64_t dim, const float *cos, const float *sin, float *y) {
+    const int64_t half = dim / 2;
+    for (int64_t j = 0; j < half; j++) {
+        const float x1 = x[2 * j], x2 = x[2 * j + 1];
+        y[j] = x1 * cos[j] - x2 * sin[j];
+        y[half + j] = x2 * cos[j] + x1 * sin[j];
+    }
+}
+
+// The tail of MLA.project for one fp32 token, after its products: q [H, nope + rope] (q_b_proj's or q_proj's
+// output), kv [r + rope] (kv_a_proj_with_mqa's) -> q_pe [H, rope] rotated, latent [r + rope] = [RMSNorm(c_kv) |
+// rotated k_pe]. cos, sin [rope / 2], or NULL for NoPE layers (the rope slices pass through unrotated).
+void kimi_mla_project_one_f32(const float *q, int64_t H, int64_t nope, int64_t rope, const float *kv, int64_t r,
+                              const float *norm_w, float eps, const float *cos, const float *sin, float *q_pe,
+                              float *latent) {
+    kimi_rmsnorm_f32(kv, 1, r, norm_w, eps, latent);
+    for (int64_t h = 0; h < H; h++) {
+        const float *qh = q + h * (nope + rope) + nope;
+        if (cos) rope_one(qh, rope, cos, sin, q_pe + h * rope);
+        else for (int64_t j = 0; j < rope; j++) q_pe[h * rope + j] = qh[j];
+    }
+    if (cos) rope_one(kv + r, rope, cos, sin, latent + r);
+    else for (int64_t j = 0; j < rope; j++) latent[r + j] = kv[r + j];
+}
+
+// MoE routing of one fp32 token (model/moe.py's Router): s = sigmoid(x W^T) over E experts, then cpu_route.h's
+// selection. x [D], W [E, D], bias [E] -> idx [k], w [k]. E <= 1024.
+void kimi_route_one_f32(const float *x, int64_t D, const float *W, const float *bias, int64_t E, int64_t n_group,
+                        int64_t topk_group, int64_t k, int norm, float scaling, int64_t *idx, float *w) {
+    float s[1024];
+    for (int64_t e = 0; e < E; e++) s[e] = 1.0f / (1.0f + expf(-dot_f32(x, W + e * D, D)));
+    route_select(s, bias, E, n_group, topk_group, k, norm, scaling, idx, w);
+}
+
+// MLA.project for one fp32 token from the layer's input: [q_in | kv] = in_w x (q_a_proj's or q_proj's rows stacked
+// with kv_a_proj_with_mqa's, bf16 copies: one weight stream); with q_b (K2's low-rank q) q = q_b RMSNorm(q_in), else
+// q = q_in; then kimi_mla_project_one_f32's tail. x [D]; in_w [n_q + r + rope, D]; q_norm_w [n_q] (or NULL without
+// q_b); q_b [H * (nope + rope), n_q] -> q [H, nope + rope], q_pe [H, rope], latent [r + rope]. Returns 0, or -1 when
+// scratch memory ran out.
+int kimi_mla_project_x_f32(const float *x, int64_t D, const uint16_t *in_w, int64_t n_q, const float *q_norm_w,
+                           float q_eps, const uint16_t *q_b, int64_t H, int64_t nope, int64_t rope, int64_t r,
+                           const float *kv_norm_w, float kv_eps, const float *cos, const float *sin, float *q,
+                           float *q_pe, float *latent) {
+    const int64_t n_in = n_q + r + rope, qk = nope + rope;
+    float *in = (float *)malloc((size_t)n_in * sizeof(float));
+    if (!in) return -1;
+    for (int64_t n = 0; n < n_in; n++) row(x, 1, D, in_w + n * D, n_in, n, in);
+    if (q_b) {
+        kimi_rmsnorm_f32(in, 1, n_q, q_norm_w, q_eps, in);
+        for (int64_t n = 0; n < H * qk; n++) row(in, 1, n_q, q_b + n * n_q, H * qk, n, q);
+    } else {
+        for (int64_t n = 0; n < H * qk; n++) q[n] = in[n];
+    }
+    kimi_mla_project_one_f32(q, H, nope, rope, in + n_q, r, kv_norm_w, kv_eps, cos, sin, q_pe, latent);
+    free(in);
+    return 0;
+}
+
+// model/moe.py's MoE for one fp32 token, in one call: route x (router_w [E, D] fp32, bias [E]; cpu_route.h), add
+// the k chosen experts' weighted outputs in ascending expert id, as Experts._one_token sums them, then the shared
+// experts' output (shared_gate_up NULL: none). Experts: gate_up [E, 2I, D], down [E, D, I]; shared: [2Is, D],
+// [D, Is]; all bf16 copies. x [D] -> out [D]. Returns 0, or -1 when scratch memory ran out.
+int kimi_moe_one_f32(const float *x, int64_t D, const float *router_w, const float *bias, int64_t E, int64_t n_group,
+                     int64_t topk_group, int64_t k, int norm, float scaling, const uint16_t *gate_up,
+                     const uint16_t *down, int64_t I, const uint16_t *shared_gate_up, const uint16_t *shared_down,
+                     int64_t Is, float *out) {
+    int64_t idx[k];
+    float w[k];
+    kimi_route_one_f32(x, D, router_w, bias, E, n_group, topk_group, k, norm, scaling, idx, w);
+    for (int64_t i = 1; i < k; i++)  // ascending expert id (insertion sort: k is small)
+        for (int64_t j = i; j > 0 && idx[j] < idx[j - 1]; j--) {
+            const int64_t t = idx[j]; idx[j] = idx[j - 1]; idx[j - 1] = t;
+            const float u = w[j]; w[j] = w[j - 1]; w[j - 1] = u;
+        }
+    for (int64_t n = 0; n < D; n++) out[n] = 0.0f;
+    for (int64_t j = 0; j < k; j++)
+        if (kimi_swiglu_f32(x, D, gate_up + idx[j] * 2 * I * D, down + idx[j] * D * I, I, w[j], out, NULL)) return -1;
+    if (shared_gate_up && kimi_swiglu_f32(x, D, shared_gate_up, shared_down, Is, 1.0f, out, NULL)) return -1;
     return 0;
 }

@@ -29,7 +29,7 @@ from torch import nn
 from kimi.model.kda import KDA
 from kimi.model.layers import MLP, RMSNorm
 from kimi.model.mla import MLA
-from kimi.model.moe import Experts, Router
+from kimi.model.moe import Experts, MoE, Router
 from kimi.ops import bf16_weights, cpu_kernels, dtypes
 
 UNPACKED = ("kv_b_proj",)  # children whose .weight other code reads
@@ -53,7 +53,13 @@ def _linear(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
 
 def _one_row(x: torch.Tensor, plain: torch.Tensor | None) -> bool:
     """True where x [..., in] is a single row and its product should run through gemv on the plain weight."""
-    return plain is not None and x.numel() == x.shape[-1] and cpu_kernels.available()
+    return plain is not None and x.numel() == x.shape[-1] and cpu_kernels.runs(x.dtype)
+
+
+def _gemv(x: torch.Tensor, plain: torch.Tensor) -> torch.Tensor:
+    """x [..., in] times a plain bf16 weight [out, in]: bf16 x -> bf16 (cpu_kernels.gemv), fp32 x -> fp32
+    (gemv_fp32, the weight a bf16 copy: kimi/ops/bf16_weights.py)."""
+    return cpu_kernels.gemv_fp32(x, plain) if x.dtype == torch.float32 else cpu_kernels.gemv(x, plain)
 
 
 def _plain(weight: torch.Tensor) -> torch.Tensor | None:
@@ -64,8 +70,8 @@ def _plain(weight: torch.Tensor) -> torch.Tensor | None:
 def _stack_plain(linears: list[nn.Module]) -> torch.Tensor | None:
     """The plain weights of linears that read the same x, stacked into one [sum of outs, in] matrix (one weight
     stream, one gemv call for a single row); the linears drop theirs, as single rows no longer reach them. None
-    where any of them has no plain weight (not packed, or the kernels do not run)."""
-    if not all(isinstance(m, PackedLinear) and m.plain is not None for m in linears):
+    where any of them has no plain weight (not packed and no bf16 copy, or the kernels do not run)."""
+    if not all(isinstance(m, (PackedLinear, bf16_weights.Bf16CopyLinear)) and m.plain is not None for m in linears):
         return None
     stacked = torch.cat([m.plain for m in linears])
     for m in linears:
@@ -120,7 +126,8 @@ class PackedExperts(Experts):
 
 
 class OneRowMLP(MLP):
-    """A packed SwiGLU MLP (shared experts, dense layers) whose single rows run as one C call."""
+    """A SwiGLU MLP (shared experts, dense layers) with plain bf16 weights (packed, or an fp32 model's bf16 copies)
+    whose single rows run as one C call, gate and up stacked into one weight stream."""
 
     def __init__(self, mlp: MLP):
         nn.Module.__init__(self)
@@ -129,12 +136,13 @@ class OneRowMLP(MLP):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if _one_row(x, self.down_proj.plain):
-            return cpu_kernels.swiglu(x, self.gate_up_plain, self.down_proj.plain).view(x.shape)
+            swiglu = cpu_kernels.swiglu_fp32 if x.dtype == torch.float32 else cpu_kernels.swiglu
+            return swiglu(x, self.gate_up_plain, self.down_proj.plain).view(x.shape)
         return super().forward(x)
 
 
 class OneRowRouter(Router):
-    """The router, with a single bf16 token routed in one C call (sigmoid scores, grouped top-k, weights)."""
+    """The router, with a single token routed in one C call (sigmoid scores, grouped top-k, weights); bf16 or fp32."""
 
     def __init__(self, router: Router):
         nn.Module.__init__(self)
@@ -144,28 +152,29 @@ class OneRowRouter(Router):
         self.register_buffer("e_score_correction_bias", router.e_score_correction_bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if (x.shape[0] == 1 and x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-                and self.weight.shape[0] <= 1024 and cpu_kernels.available()):
+        if (x.shape[0] == 1 and x.dtype == self.weight.dtype and x.device.type == "cpu"
+                and self.weight.shape[0] <= 1024 and cpu_kernels.runs(x.dtype)):
             return cpu_kernels.route_one(self, x)
         return super().forward(x)
 
 
 class OneRowRMSNorm(RMSNorm):
-    """RMSNorm whose single bf16 rows run as one C call (~5 us instead of ~24 us of torch ops at D 768; the same
-    arithmetic, fp32 summation order aside: kimi/ops/cpu_kernels.py)."""
+    """RMSNorm whose single rows (bf16 or fp32) run as one C call (~5 us instead of ~24 us of torch ops at D 768;
+    the same arithmetic, fp32 summation order aside: kimi/ops/cpu_kernels.py)."""
 
     def __init__(self, norm: RMSNorm):
         nn.Module.__init__(self)
         self.weight, self.eps = norm.weight, norm.eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == x.shape[-1] and x.dtype == self.weight.dtype == torch.bfloat16 and cpu_kernels.available():
+        if x.numel() == x.shape[-1] and x.dtype == self.weight.dtype and cpu_kernels.runs(x.dtype):
             return cpu_kernels.rms_norm(x, self.weight, self.eps)
         return super().forward(x)
 
 
 class OneRowMLA(MLA):
-    """A packed MLA layer whose one-token projections are two gemv calls (the products of x stacked into one weight
+    """An MLA layer with plain bf16 weights (packed, or an fp32 model's bf16 copies) whose one-token projections are
+    two gemv calls (the products of x stacked into one weight
     stream, then q_b_proj) and one C call for the norm, the rotations and the latent (cpu_kernels.mla_project_one):
     in torch that tail is ~15 small ops a layer. Everything else is MLA's."""
 
@@ -176,17 +185,24 @@ class OneRowMLA(MLA):
         inputs = [mla.q_a_proj if self.q_lora else mla.q_proj, mla.kv_a_proj_with_mqa]
         self.in_plain = _stack_plain(inputs)  # [q_lora (or H * qk) + r + rope, D], or None
         self.in_split = [m.out_features for m in inputs]
+        # fp32 with bf16 copies of every projection: the whole of project is one call (cpu_kernels.mla_project_x_fp32)
+        self.one_call = (self.in_plain is not None and mla.kv_a_layernorm.weight.dtype == torch.float32
+                         and (not self.q_lora or getattr(mla.q_b_proj, "plain", None) is not None))
 
     def project(self, x: torch.Tensor, positions: torch.Tensor):
-        if not (x.numel() == x.shape[-1] and x.dtype == torch.bfloat16 and self.in_plain is not None
-                and cpu_kernels.available()):
+        if not (x.numel() == x.shape[-1] and x.dtype == self.kv_a_layernorm.weight.dtype and cpu_kernels.runs(x.dtype)):
             return super().project(x, positions)
-        q, kv = cpu_kernels.gemv(x.view(1, -1), self.in_plain).split(self.in_split, dim=-1)
-        if self.q_lora:
-            q = self.q_b_proj(self.q_a_layernorm(q))
         cos = sin = None
         if self.rotary is not None:
             cos, sin = self.rotary(positions)
+        if self.one_call:
+            return cpu_kernels.mla_project_x_fp32(self, x, self.in_plain, cos, sin)
+        if self.in_plain is not None:
+            q, kv = _gemv(x.view(1, -1), self.in_plain).split(self.in_split, dim=-1)
+        else:  # an fp32 model whose weights are not bf16-exact: torch's products, the tail still one call
+            q, kv = (self.q_a_proj if self.q_lora else self.q_proj)(x), self.kv_a_proj_with_mqa(x)
+        if self.q_lora:
+            q = self.q_b_proj(self.q_a_layernorm(q))
         return cpu_kernels.mla_project_one(self, q, kv, cos, sin)
 
 
@@ -246,28 +262,27 @@ def pack_for_cpu(model: nn.Module) -> int:
             elif type(child) is Experts and copies and all(map(bf16_weights.bf16_exact, (
                     child.gate_proj, child.up_proj, child.down_proj))):
                 setattr(parent, name, bf16_weights.Bf16CopyExperts(child))
-            elif type(child) is RMSNorm and cpu_kernels.available():
+            elif type(child) is RMSNorm and cpu_kernels.runs(child.weight.dtype):
                 setattr(parent, name, OneRowRMSNorm(child))
-            elif type(child) is Router and child.weight.dtype == torch.bfloat16 and cpu_kernels.available():
+            elif type(child) is Router and cpu_kernels.runs(child.weight.dtype):
                 setattr(parent, name, OneRowRouter(child))
             else:
                 continue
             changed += 1
-    for parent in list(model.modules()):  # MLPs once their linears are packed
+    for parent in reversed(list(model.modules())):  # then blocks, children before parents (an MoE after its MLP)
         for name, child in list(parent.named_children()):
-            if type(child) is MLP and all(isinstance(m, bf16_weights.Bf16CopyLinear)
-                                          for m in (child.gate_proj, child.up_proj, child.down_proj)):
-                setattr(parent, name, bf16_weights.Bf16CopyMLP(child))
-                changed += 1
-            elif type(child) is MLP and isinstance(child.gate_proj, PackedLinear) and child.gate_proj.plain is not None \
-                    and isinstance(child.up_proj, PackedLinear) and isinstance(child.down_proj, PackedLinear):
+            linears = (child.gate_proj, child.up_proj, child.down_proj) if type(child) is MLP else ()
+            if linears and all(isinstance(m, (PackedLinear, bf16_weights.Bf16CopyLinear)) and m.plain is not None
+                               for m in linears):
                 setattr(parent, name, OneRowMLP(child))
+                changed += 1
+            elif type(child) is MoE and bf16_weights.Bf16CopyMoE.applies(child):
+                setattr(parent, name, bf16_weights.Bf16CopyMoE(child))
                 changed += 1
             elif type(child) is KDA and child.o_norm.weight.dtype == torch.bfloat16 and cpu_kernels.available():
                 setattr(parent, name, OneRowKDA(child))
                 changed += 1
-            elif type(child) is MLA and child.kv_a_layernorm.weight.dtype == torch.bfloat16 \
-                    and cpu_kernels.available():
+            elif type(child) is MLA and cpu_kernels.runs(child.kv_a_layernorm.weight.dtype):
                 setattr(parent, name, OneRowMLA(child))
                 changed += 1
     return changed
