@@ -210,3 +210,40 @@ def test_one_token_blocks_equal_their_torch_twins(config):
                                        bad, None, None)
     with pytest.raises(ValueError, match="both bf16 or both fp32"):
         cpu_kernels.rms_norm(bad, torch.ones(7, dtype=torch.bfloat16), 1e-6)
+
+
+@pytest.mark.parametrize("head_dim,B", [(16, 1), (16, 3), (20, 3)])  # 20: the kernel's 8-lane tail
+def test_kda_decode_fp32_equals_the_torch_layer(head_dim, B):
+    """An fp32 KDA layer's single-token step as one C call on the pools in place (cpu_kernels.kda_decode on the fp32
+    kernels; its projections stacked into one gemv over their bf16 copies) against the torch layer, three steps."""
+    from kimi.ops.packed_linear import OneRowKDA
+    from tests.test_cpu_kernels import PoolCache
+
+    lac = {"kda_layers": [1, 2, 3], "full_attn_layers": [4], "head_dim": head_dim, "num_heads": 4,
+           "short_conv_kernel_size": 4}
+    model = build_model(kl_tiny(linear_attn_config=lac), dtype=torch.bfloat16, seed=5).float()
+    fast_model = copy.deepcopy(model)
+    pack_for_cpu(fast_model)
+    layer, fast = model.model.layers[0].self_attn, fast_model.model.layers[0].self_attn
+    assert type(fast) is OneRowKDA and fast.in_plain is not None
+    g = torch.Generator().manual_seed(head_dim + B)
+    P = 4 * head_dim
+    windows = torch.randn(6, 3 * P, 3, generator=g)
+    states = torch.randn(6, 4, head_dim, head_dim, generator=g) * 0.3
+    rows = torch.tensor([4, 0, 2][:B])
+    x = torch.randn(B, 1, layer.q_proj.in_features, generator=g)
+    caches = [PoolCache(windows.clone(), states.clone(), rows) for _ in range(2)]
+    with torch.inference_mode():
+        for _ in range(3):  # three steps: the windows slide, the states carry
+            want = layer(x, cache=caches[0])
+            got = fast(x, cache=caches[1])
+            assert got.shape == want.shape == (B, 1, layer.q_proj.in_features)
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+            x = want
+    for got, want in ((caches[1].windows, caches[0].windows), (caches[1].states, caches[0].states)):
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()  # slid and updated in place (the inputs of the
+    untouched = [r for r in range(6) if r not in rows.tolist()]  # conv come from the products, in another order)
+    assert torch.equal(caches[1].windows[untouched], windows[untouched])
+    assert torch.equal(caches[1].states[untouched], states[untouched])
+    with torch.inference_mode(), pytest.raises(ValueError, match="outside"):
+        fast(x, cache=PoolCache(windows.clone(), states.clone(), torch.tensor([6, 0, 1][:B])))

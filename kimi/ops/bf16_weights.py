@@ -10,12 +10,14 @@ computes the fp32 product, summed in a different order. On an AVX2 EPYC one core
 packed_linear.pack_for_cpu(model) swaps, in place, every fp32 `nn.Linear` and stack of routed experts whose
 weights are all bf16-representable (checked exactly) for a twin that sends single rows to that gemv and everything
 else to torch's fp32 product on the original weight, which it keeps: prefill GEMMs are compute-bound, where fp32
-oneDNN is fastest. A single token through a routed expert or a SwiGLU MLP is one C call (gate and up, silu, down,
-and an expert's weighted add), and MLA's absorbed decode attention one call per layer reading kv_b_proj's copy
-(cpu_kernels.mla_decode_fp32). The copies cost half the fp32 weights' memory again. Weights that are not
-bf16-representable (an fp32 checkpoint) stay as they are. The twins keep `.weight`, so the state dict is unchanged
-and a tied lm_head stays tied. Like packed_linear.py's bf16 packing, this makes the model inference-only: the copies
-do not follow later weight updates.
+oneDNN is fastest. The rest of a single token's step runs as a few C calls per layer too (torch's small ops cost
+~5-20 us each on such CPUs): a whole MoE block (Bf16CopyMoE: routing, the chosen experts, the shared experts), all of
+MLA's projections (packed_linear.OneRowMLA), its absorbed decode attention reading kv_b_proj's copy
+(cpu_kernels.mla_decode_fp32), a SwiGLU MLP (packed_linear.OneRowMLP), each RMSNorm. On the bench model that took
+batch-1 decode from ~15 to ~11 ms/token on an AVX2 EPYC. The copies cost half the fp32 weights' memory again.
+Weights that are not bf16-representable (an fp32 checkpoint) stay as they are. The twins keep `.weight`, so the state
+dict is unchanged and a tied lm_head stays tied. Like packed_linear.py's bf16 packing, this makes the model
+inference-only: the copies do not follow later weight updates.
 """
 
 from __future__ import annotations

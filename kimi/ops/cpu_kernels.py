@@ -23,9 +23,13 @@ hash, and ctypes loads them (calls release the GIL). Where there is no compiler,
 `available()` is False and callers keep their torch paths; `KIMI_CPU_KERNELS=0` turns them off. The choice is made
 once per process and logged (logger "kimi").
 
-fp32 models have one kernel of their own, in cpu_kernels_fp32.c (AVX2 + FMA, so it runs on CPUs without AVX-512
-too, built and loaded the same way; `fp32_available()`): `gemv_fp32`, the fp32 product of one row with a bf16 copy of
-a bf16-exact weight (kimi/ops/bf16_weights.py), where CPUs without native bf16 compute.
+fp32 models, which is what CPUs without native bf16 compute, have their kernels in cpu_kernels_fp32.c (AVX2 + FMA,
+so they run without AVX-512 too; built and loaded the same way; `fp32_available()`). Their weights are read from
+bf16 copies of bf16-exact fp32 weights (kimi/ops/bf16_weights.py): `gemv_fp32`, `mla_decode_fp32`, `swiglu_fp32`,
+`mla_project_x_fp32` (all of MLA.project for one token, its products included) and `moe_one_fp32` (a whole MoE block
+for one token); `rms_norm`, `route_one`, `mla_project_one` and `kda_decode` take either dtype (`runs(dtype)` says
+where). All
+compute in fp32 and differ from the torch paths only in summation order (tests/test_bf16_weights.py).
 """
 
 from __future__ import annotations
@@ -125,8 +129,8 @@ def available() -> bool:
 
 @functools.cache
 def _fp32_library() -> ctypes.CDLL | None:
-    """The fp32 models' gemv (cpu_kernels_fp32.c), or None; decided once per process, and logged."""
-    lib = _load("kimi's fp32 gemv", _FP32_SOURCE, _FP32_FLAGS, "kimi_fp32_kernels_supported", "AVX2 + FMA")
+    """The fp32 models' kernels (cpu_kernels_fp32.c), or None; decided once per process, and logged."""
+    lib = _load("kimi's fp32 CPU kernels", _FP32_SOURCE, _FP32_FLAGS, "kimi_fp32_kernels_supported", "AVX2 + FMA")
     if lib is None:
         return None
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -149,6 +153,9 @@ def _fp32_library() -> ctypes.CDLL | None:
     lib.kimi_moe_one_f32.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr,
                                      i64, ptr, ptr, i64, ptr]
     lib.kimi_moe_one_f32.restype = ctypes.c_int
+    lib.kimi_kda_decode_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_float, ptr, ptr, ptr,
+                                        i64, i64, i64, i64, i64, ptr, ctypes.c_int]
+    lib.kimi_kda_decode_f32.restype = ctypes.c_int
     return lib
 
 
@@ -175,9 +182,7 @@ def gemv_fp32(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """x [..., K] fp32 on the CPU, weight [N, K] bf16 contiguous -> x W^T [..., N] fp32: the fp32 product with the
     weight widened from bf16 (exact), summed in fp32. For fp32 models whose weights are bf16-representable
     (packed_linear.py keeps such a copy): half the bytes of an fp32 weight to stream per token."""
-    lib = _fp32_library()
-    if lib is None:
-        raise RuntimeError("kimi's fp32 gemv is not available here (it needs AVX2 + FMA and a C compiler)")
+    lib = _library_for(torch.float32)
     N, K = weight.shape
     if (x.shape[-1] != K or x.dtype != torch.float32 or weight.dtype != torch.bfloat16 or x.device.type != "cpu"
             or weight.device.type != "cpu" or not weight.is_contiguous()):
@@ -205,11 +210,11 @@ def mla_decode_fp32(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.
                     lengths: torch.Tensor) -> torch.Tensor:
     """mla_decode for fp32 models: the same arguments and result in fp32, with kv_b_proj's bf16 copy
     (mla.kv_b_proj.plain, kimi/ops/bf16_weights.py) standing for its bf16-exact weight."""
-    lib = _fp32_library()
+    lib = _library_for(torch.float32)
     B, _, H, nope = q_nope.shape
     weight = getattr(mla.kv_b_proj, "plain", None)
-    if lib is None or weight is None:
-        raise RuntimeError("mla_decode_fp32 needs kimi's fp32 kernels and a bf16 copy of kv_b_proj's weight")
+    if weight is None:
+        raise RuntimeError("mla_decode_fp32 needs a bf16 copy of kv_b_proj's weight (kimi/ops/bf16_weights.py)")
     if not (q_nope.dtype == q_pe.dtype == cache.dtype == torch.float32 and cache.is_contiguous()
             and cache.device.type == "cpu"):
         raise ValueError("mla_decode_fp32 wants fp32 CPU tensors with a contiguous cache")
@@ -228,10 +233,8 @@ def swiglu_fp32(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weig
     """One fp32 token through a SwiGLU MLP whose weights are bf16 copies, in one call: x [1, D] fp32, gate_up
     [2I, D] bf16 (gate rows, then up rows), down [D, I] bf16 -> down(silu(gate x) * up x) [1, D] fp32; with total
     ([1, D] fp32, contiguous), adds weight times that to total in place instead and returns None."""
-    lib = _fp32_library()
+    lib = _library_for(torch.float32)
     D, I = down.shape
-    if lib is None:
-        raise RuntimeError("kimi's fp32 kernels are not available here (they need AVX2 + FMA and a C compiler)")
     if not (x.numel() == D and x.dtype == torch.float32 and gate_up.shape == (2 * I, D)
             and gate_up.dtype == down.dtype == torch.bfloat16 and gate_up.is_contiguous() and down.is_contiguous()
             and (total is None or (total.numel() == D and total.dtype == torch.float32 and total.is_contiguous()))):
@@ -262,8 +265,8 @@ def mla_project_x_fp32(mla, x: torch.Tensor, in_weight: torch.Tensor, cos: torch
                                                and q_b.shape == (H * (nope + rope), n_q) and q_b.is_contiguous())
             and (cos is None or (cos.dtype == sin.dtype == torch.float32 and cos.numel() == sin.numel() == rope // 2))):
         raise ValueError(f"mla_project_x_fp32 wants one fp32 token of {D} values, a contiguous bf16 input weight "
-                         f"[n_q + {r + rope}, D] (and q_b_proj's bf16 copy [{H * (nope + rope)}, n_q] for a low-rank q) "
-                         f"and fp32 cos/sin [{rope // 2}]; got x {tuple(x.shape)} {x.dtype}, weight "
+                         f"[n_q + {r + rope}, D] (and q_b_proj's bf16 copy [{H * (nope + rope)}, n_q] for a low-rank "
+                         f"q) and fp32 cos/sin [{rope // 2}]; got x {tuple(x.shape)} {x.dtype}, weight "
                          f"{tuple(in_weight.shape)} {in_weight.dtype}")
     x = x.contiguous()
     q = x.new_empty(1, 1, H, nope + rope)
@@ -392,9 +395,9 @@ def mla_project_one(mla, q: torch.Tensor, kv: torch.Tensor, cos: torch.Tensor | 
     if not (q.numel() == H * (nope + rope) and kv.numel() == r + rope
             and q.dtype == kv.dtype == norm.weight.dtype in (torch.bfloat16, torch.float32)
             and (cos is None or (cos.dtype == sin.dtype == torch.float32 and cos.numel() == sin.numel() == rope // 2))):
-        raise ValueError(f"mla_project_one wants one token's q [{H * (nope + rope)}] and kv [{r + rope}] in the layer's "
-                         f"dtype (bf16 or fp32) and fp32 cos/sin [{rope // 2}]; got q {tuple(q.shape)} {q.dtype}, kv "
-                         f"{tuple(kv.shape)} {kv.dtype}")
+        raise ValueError(f"mla_project_one wants one token's q [{H * (nope + rope)}] and kv [{r + rope}] in the "
+                         f"layer's dtype (bf16 or fp32) and fp32 cos/sin [{rope // 2}]; got q {tuple(q.shape)} "
+                         f"{q.dtype}, kv {tuple(kv.shape)} {kv.dtype}")
     lib = _library_for(q.dtype)
     q, kv = q.contiguous(), kv.contiguous()
     if cos is not None:
@@ -451,32 +454,35 @@ def route_one(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def kda_decode(kda, qkv: torch.Tensor, f: torch.Tensor, b: torch.Tensor, gate: torch.Tensor, conv_weight: torch.Tensor,
                windows: torch.Tensor, states: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """model/kda.py's KDA layer for B single tokens, from its projections to o_proj's input, bf16 on the CPU:
-    qkv [B, 3P] (q, k, v projections before the conv), f [B, P] (f_b_proj's output), b [B, H] (b_proj's),
-    gate [B, P] (g_b_proj's), conv_weight [3P, k] (the three conv weights stacked); windows [slots, 3P, k-1] bf16 and
-    states [slots, H, K, K] fp32, one layer's pools, updated in place at rows `slots` [B] -> [B, P] bf16."""
-    lib = _loaded()
+    """model/kda.py's KDA layer for B single tokens, from its projections to o_proj's input, on the CPU, in the
+    layer's dtype (bf16, or fp32 on the fp32 kernels): qkv [B, 3P] (q, k, v projections before the conv), f [B, P]
+    (f_b_proj's output), b [B, H] (b_proj's), gate [B, P] (g_b_proj's), conv_weight [3P, k] (the three conv weights
+    stacked); windows [slots, 3P, k-1] (that dtype) and states [slots, H, K, K] fp32, one layer's pools, updated in
+    place at rows `slots` [B] -> [B, P]."""
     B, H, K = qkv.shape[0], kda.num_heads, kda.head_dim
     P, k = H * K, kda.conv_size
     norm_w = kda.o_norm.weight.detach()
+    dtype = qkv.dtype
     if not (qkv.shape == (B, 3 * P) and f.shape == gate.shape == (B, P) and b.shape == (B, H) and K <= 256
-            and qkv.dtype == f.dtype == b.dtype == gate.dtype == conv_weight.dtype == windows.dtype == norm_w.dtype
-            == torch.bfloat16 and states.dtype == torch.float32 and conv_weight.shape == (3 * P, k)
+            and dtype in (torch.bfloat16, torch.float32)
+            and f.dtype == b.dtype == gate.dtype == conv_weight.dtype == windows.dtype == norm_w.dtype == dtype
+            and states.dtype == torch.float32 and conv_weight.shape == (3 * P, k)
             and windows.shape[1:] == (3 * P, k - 1) and states.shape[1:] == (H, K, K) and slots.shape == (B,)
             and windows.is_contiguous() and states.is_contiguous() and conv_weight.is_contiguous()
             and qkv.device.type == windows.device.type == states.device.type == "cpu"):
-        raise ValueError(f"kda_decode wants bf16 qkv [B, {3 * P}], f and gate [B, {P}], b [B, {H}], a contiguous "
-                         f"conv weight [{3 * P}, {k}], contiguous pools windows [slots, {3 * P}, {k - 1}] bf16 and "
-                         f"states [slots, {H}, {K}, {K}] fp32, slots [B], head dim <= 256, on the CPU; got qkv "
-                         f"{tuple(qkv.shape)} {qkv.dtype}, windows {tuple(windows.shape)} {windows.dtype}, states "
+        raise ValueError(f"kda_decode wants qkv [B, {3 * P}], f and gate [B, {P}], b [B, {H}], a contiguous conv weight "
+                         f"[{3 * P}, {k}] and contiguous pools windows [slots, {3 * P}, {k - 1}], all in one dtype (bf16 "
+                         f"or fp32), states [slots, {H}, {K}, {K}] fp32, slots [B], head dim <= 256, on the CPU; got "
+                         f"qkv {tuple(qkv.shape)} {qkv.dtype}, windows {tuple(windows.shape)} {windows.dtype}, states "
                          f"{tuple(states.shape)} {states.dtype}, slots {tuple(slots.shape)}")
+    lib = _library_for(dtype)
     qkv, f, b, gate = (t.contiguous() for t in (qkv, f, b, gate))
     slots = slots.to(torch.int64).contiguous()
     dt_bias, a_log = kda.dt_bias.detach().float().contiguous(), kda.A_log.detach().float().contiguous()
     out = qkv.new_empty(B, P)
-    if lib.kimi_kda_decode_bf16(qkv.data_ptr(), f.data_ptr(), b.data_ptr(), gate.data_ptr(), conv_weight.data_ptr(),
-                                k, dt_bias.data_ptr(), a_log.data_ptr(), norm_w.contiguous().data_ptr(),
-                                kda.o_norm.eps, windows.data_ptr(), states.data_ptr(), slots.data_ptr(),
-                                windows.shape[0], B, H, K, K, out.data_ptr(), torch.get_num_threads()):
+    step = lib.kimi_kda_decode_f32 if dtype == torch.float32 else lib.kimi_kda_decode_bf16
+    if step(qkv.data_ptr(), f.data_ptr(), b.data_ptr(), gate.data_ptr(), conv_weight.data_ptr(), k, dt_bias.data_ptr(),
+            a_log.data_ptr(), norm_w.contiguous().data_ptr(), kda.o_norm.eps, windows.data_ptr(), states.data_ptr(),
+            slots.data_ptr(), windows.shape[0], B, H, K, K, out.data_ptr(), torch.get_num_threads()):
         raise ValueError(f"kda_decode: slots {slots.tolist()} outside the pools' {windows.shape[0]} rows")
     return out

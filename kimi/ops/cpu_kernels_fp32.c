@@ -5,7 +5,7 @@
 // weight once per token, so half the bytes is up to twice the speed. In file order: gemv, MLA absorbed decode
 // attention, one token through a SwiGLU MLP or routed expert; then the small per-token steps that in torch are
 // several ops each (~5-20 us apiece, ~100 per token at bench size): RMSNorm, MLA's projections for one token,
-// one token's MoE routing and a whole MoE block for one token.
+// one token's MoE routing, a whole MoE block for one token, and KDA decode of single tokens.
 //
 // gemv: y = x W^T. x [M, K] fp32, W [N, K] bf16 (row-major, one output feature per row), y [M, N] fp32.
 // Accumulated along K in 4 x 8 lanes, then reduced. W streams one row at a time, start to end (the one sequential
@@ -309,5 +309,91 @@ int kimi_moe_one_f32(const float *x, int64_t D, const float *router_w, const flo
     for (int64_t j = 0; j < k; j++)
         if (kimi_swiglu_f32(x, D, gate_up + idx[j] * 2 * I * D, down + idx[j] * D * I, I, w[j], out, NULL)) return -1;
     if (shared_gate_up && kimi_swiglu_f32(x, D, shared_gate_up, shared_down, Is, 1.0f, out, NULL)) return -1;
+    return 0;
+}
+
+// y[j] = a * y[j] for j < n, and acc[j] += b * y[j] (after the scaling)
+static inline void scale_then_axpy(float *y, float a, float b, float *acc, int64_t n) {
+    const __m256 av = _mm256_set1_ps(a), bv = _mm256_set1_ps(b);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(y + j), av);
+        _mm256_storeu_ps(y + j, s);
+        _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(bv, s, _mm256_loadu_ps(acc + j)));
+    }
+    for (; j < n; j++) acc[j] += b * (y[j] *= a);
+}
+
+// y[j] += a * d[j], then acc[j] += b * y[j]
+static inline void axpy_then_axpy(float *y, float a, const float *d, float b, float *acc, int64_t n) {
+    const __m256 av = _mm256_set1_ps(a), bv = _mm256_set1_ps(b);
+    int64_t j = 0;
+    for (; j + 8 <= n; j += 8) {
+        const __m256 s = _mm256_fmadd_ps(av, _mm256_loadu_ps(d + j), _mm256_loadu_ps(y + j));
+        _mm256_storeu_ps(y + j, s);
+        _mm256_storeu_ps(acc + j, _mm256_fmadd_ps(bv, s, _mm256_loadu_ps(acc + j)));
+    }
+    for (; j < n; j++) acc[j] += b * (y[j] += a * d[j]);
+}
+
+// One head of the causal depthwise short conv for one token, + SiLU, for the n channels from c0 of a [3P]-wide row:
+// y = silu(sum_j window[j] w[j]) over the window [the k-1 previous inputs, this input] (model/kda.py's one-token
+// conv); the window then slides by one, in place.
+static void conv_silu(const float *x, const float *w, float *window, int64_t k, int64_t c0, int64_t n, float *y) {
+    for (int64_t c = c0; c < c0 + n; c++) {
+        float *win = window + c * (k - 1);
+        const float *wc = w + c * k;
+        float acc = x[c] * wc[k - 1];
+        for (int64_t j = 0; j < k - 1; j++) acc += win[j] * wc[j];
+        for (int64_t j = 0; j + 1 < k - 1; j++) win[j] = win[j + 1];
+        if (k > 1) win[k - 2] = x[c];
+        y[c - c0] = acc / (1.0f + expf(-acc));
+    }
+}
+
+// KDA decode of B single fp32 tokens, each sequence's short-conv window and state read and updated in place in the
+// engine's pools (model/kda.py's KDA.forward between its projections and o_proj; cpu_kernels.c's
+// kimi_kda_decode_bf16 is the same step with bf16 roundings; kda.md §1): per head, q, k, v = silu(conv(.)); q, k
+// L2-normalised (q also times K^-1/2); g = -exp(A_log) softplus(f + dt_bias), beta = sigmoid(b);
+// S = exp(g) * S (per key row), S += k (beta (v - k S)), o = q S; out = w * rmsnorm(o) * sigmoid(gate) per head.
+// qkv [B, 3P], f [B, P], b [B, H], gate [B, P], conv_w [3P, k], norm_w [V], dt_bias [P], A_log [H];
+// windows [slots, 3P, k-1] and states [slots, H, K, V], indexed by slot [B]; out [B, H V]. K, V <= 256.
+// Returns 0, or -1 (touching nothing) when a slot is outside [0, num_slots).
+int kimi_kda_decode_f32(const float *qkv, const float *f, const float *b, const float *gate, const float *conv_w,
+                        int64_t k, const float *dt_bias, const float *A_log, const float *norm_w, float eps,
+                        float *windows, float *states, const int64_t *slot, int64_t num_slots, int64_t B, int64_t H,
+                        int64_t K, int64_t V, float *out, int threads) {
+    for (int64_t s = 0; s < B; s++)
+        if (slot[s] < 0 || slot[s] >= num_slots) return -1;
+    const int64_t P = H * K;
+    const float scale = 1.0f / sqrtf((float)K);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B * H > 1)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t s = bh / H, h = bh % H;
+        float q[256], kk[256], v[256], decay[256], kS[256], o[256];
+        const float *x = qkv + s * 3 * P;
+        float *win = windows + slot[s] * 3 * P * (k - 1);
+        conv_silu(x, conv_w, win, k, h * K, K, q);
+        conv_silu(x, conv_w, win, k, P + h * K, K, kk);
+        conv_silu(x, conv_w, win, k, 2 * P + h * V, V, v);
+        const float qs = (1.0f / sqrtf(dot_f32(q, q, K) + 1e-6f)) * scale;
+        const float ks = 1.0f / sqrtf(dot_f32(kk, kk, K) + 1e-6f);
+        const float a = -expf(A_log[h]);
+        for (int64_t i = 0; i < K; i++) {
+            q[i] *= qs;
+            kk[i] *= ks;
+            const float z = f[s * P + h * K + i] + dt_bias[h * K + i];
+            decay[i] = expf(a * (z > 20.0f ? z : log1pf(expf(z))));
+        }
+        const float beta = 1.0f / (1.0f + expf(-b[s * H + h]));
+        float *S = states + (slot[s] * H + h) * K * V;  // [K, V]
+        for (int64_t j = 0; j < V; j++) kS[j] = o[j] = 0.0f;
+        for (int64_t i = 0; i < K; i++) scale_then_axpy(S + i * V, decay[i], kk[i], kS, V);
+        for (int64_t j = 0; j < V; j++) kS[j] = beta * (v[j] - kS[j]);  // delta
+        for (int64_t i = 0; i < K; i++) axpy_then_axpy(S + i * V, kk[i], kS, q[i], o, V);
+        const float r = 1.0f / sqrtf(dot_f32(o, o, V) / (float)V + eps);
+        const float *g = gate + s * P + h * V;
+        for (int64_t j = 0; j < V; j++) out[s * P + h * V + j] = norm_w[j] * (o[j] * r) * (1.0f / (1.0f + expf(-g[j])));
+    }
     return 0;
 }

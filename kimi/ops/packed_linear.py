@@ -17,7 +17,8 @@ a one-row variant that runs a single token's norm, routing, MLP, projections or 
 gradient, and it is not in the state dict (kimi.model.loader.save_model refuses a packed model). Left as they are:
 MLA's kv_b_proj (its weight is read directly by the absorbed decode form), a tied lm_head (its weight is the
 embedding table), the router's weight (it runs in fp32), and quantised experts. An fp32 model gets bf16 copies of its
-bf16-exact weights instead (kimi/ops/bf16_weights.py: CPUs without native bf16).
+bf16-exact weights instead (kimi/ops/bf16_weights.py: CPUs without native bf16), and the same one-row variants of
+its norms, routers, MLPs, MLA and KDA layers (plus bf16_weights.Bf16CopyMoE), on the fp32 kernels.
 """
 
 from __future__ import annotations
@@ -207,10 +208,11 @@ class OneRowMLA(MLA):
 
 
 class OneRowKDA(KDA):
-    """A packed KDA layer whose single-token steps (engine decode, reference generate) run between the projections and
-    o_proj as one C call that updates the cache's conv windows and states in place (cpu_kernels.kda_decode): the
-    torch path is ~40 small ops, plus a gather and a scatter of every sequence's fp32 state through the engine's
-    pool. For one token the six projections that read x are one stacked gemv. Anything else is KDA.forward."""
+    """A KDA layer (bf16 packed, or fp32) whose single-token steps (engine decode, reference generate) run between
+    the projections and o_proj as one C call that updates the cache's conv windows and states in place
+    (cpu_kernels.kda_decode): the torch path is ~40 small ops, plus a gather and a scatter of every sequence's fp32
+    state through the engine's pool. For one token the six projections that read x are one stacked gemv (where they
+    have plain bf16 weights). Anything else is KDA.forward."""
 
     def __init__(self, kda: KDA):
         nn.Module.__init__(self)
@@ -224,11 +226,11 @@ class OneRowKDA(KDA):
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
         B, T, D = x.shape
         if not (T == 1 and cache is not None and cache.cu_seqlens is None and hasattr(cache, "kda_slots")
-                and x.dtype == torch.bfloat16 and x.device.type == "cpu" and cpu_kernels.available()):
+                and x.dtype == self.o_norm.weight.dtype and x.device.type == "cpu" and cpu_kernels.runs(x.dtype)):
             return super().forward(x, positions, cache)
         rows = x.view(B, D)
         if B == 1 and self.in_plain is not None:
-            qkv, f, g, b = cpu_kernels.gemv(rows, self.in_plain).split(self.in_split, dim=-1)
+            qkv, f, g, b = _gemv(rows, self.in_plain).split(self.in_split, dim=-1)
         else:
             qkv = torch.cat([self.q_proj(rows), self.k_proj(rows), self.v_proj(rows)], dim=-1)
             f, g, b = self.f_a_proj(rows), self.g_a_proj(rows), self.b_proj(rows)
@@ -279,7 +281,7 @@ def pack_for_cpu(model: nn.Module) -> int:
             elif type(child) is MoE and bf16_weights.Bf16CopyMoE.applies(child):
                 setattr(parent, name, bf16_weights.Bf16CopyMoE(child))
                 changed += 1
-            elif type(child) is KDA and child.o_norm.weight.dtype == torch.bfloat16 and cpu_kernels.available():
+            elif type(child) is KDA and cpu_kernels.runs(child.o_norm.weight.dtype):
                 setattr(parent, name, OneRowKDA(child))
                 changed += 1
             elif type(child) is MLA and cpu_kernels.runs(child.kv_a_layernorm.weight.dtype):
