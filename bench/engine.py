@@ -269,10 +269,16 @@ def main():
     rows.append(("batch-1 % of bandwidth roofline", f"{100 * roof_s / kimi_s:.1f}%", "",
                  f"roof {1 / roof_s:.1f} tok/s @ {bw / 1e9:.1f} GB/s"))
 
-    prompts = [[rng.randrange(3, cfg.vocab_size) for _ in range(rng.randint(*plen))] for _ in range(n_conc)]
+    prompts = [[rng.randrange(3, cfg.vocab_size) for _ in range(rng.randint(*plen))] for _ in range(n_conc + 2)]
+    warm, prompts = prompts[:2], prompts[2:]  # the warm-up's prompts are not the measured ones (no prefix hits)
     with torch.inference_mode():
-        llm.generate(prompts[:2], greedy(2))
+        llm.generate(warm, greedy(2))
         t_kimi, outs = timed(lambda: llm.generate(prompts, greedy(out_len)))
+        # the prefill alone (one output token each, on an engine with prefix caching off): the floor under t_kimi
+        cold = LLM(tmp, dtype=dtype, device=DEVICE, max_num_seqs=n_conc, max_num_batched_tokens=2048,
+                   max_model_len=2048, block_size=16, enable_prefix_caching=False)
+        t_prefill = timed(lambda: cold.generate(prompts, greedy(1)))[0]
+        del cold
         check = [llm.generate([p], greedy(out_len))[0].token_ids for p in prompts[:4]]
         t_hf_seq = hf_generate_one_by_one(hf, prompts[:hf_seq_sample], out_len) * n_conc / hf_seq_sample
         t_hf_pad = None if args.skip_padded else hf_generate_padded(hf, prompts, out_len)
@@ -280,10 +286,13 @@ def main():
     total_out = n_conc * out_len
     res["concurrent"] = {"requests": n_conc, "prompt_len": list(plen), "output_len": out_len,
                          "kimi_tok_s": total_out / t_kimi, "transformers_sequential_tok_s": total_out / t_hf_seq,
-                         "speedup_vs_sequential": t_hf_seq / t_kimi,
+                         "speedup_vs_sequential": t_hf_seq / t_kimi, "kimi_prefill_only_s": t_prefill,
+                         "prompt_tokens": sum(map(len, prompts)),
                          "sequential_measured_on": hf_seq_sample, "batched_same_as_single": same_batched}
     rows.append((f"{n_conc} concurrent, out tok/s", f"{total_out / t_kimi:.1f}", f"seq {total_out / t_hf_seq:.1f}",
                  f"{t_hf_seq / t_kimi:.1f}x"))
+    rows.append(("  of which prefill alone", f"{t_prefill:.1f} s", f"all {t_kimi:.1f} s",
+                 f"{sum(map(len, prompts)) / t_prefill:.0f} prompt tok/s"))
     if t_hf_pad is not None:
         res["concurrent"].update(transformers_padded_tok_s=total_out / t_hf_pad, speedup_vs_padded=t_hf_pad / t_kimi)
         rows.append(("", "", f"padded {total_out / t_hf_pad:.1f}", f"{t_hf_pad / t_kimi:.1f}x"))
