@@ -120,9 +120,9 @@ class LLMEngine:
         pack_weights: prepack bf16 CPU weights for oneDNN and, where kimi's C kernels build, keep the plain
         weights for their single-row products too (kimi/ops/packed_linear.py; ~2x faster batch-1 decode, twice
         the weight memory); for an fp32 model on a CPU, keep bf16 copies of its bf16-exact weights for single rows
-        (kimi/ops/bf16_weights.py; ~1.8x faster batch-1 decode on an AVX2 CPU, 1.5x the weight memory). None packs a
-        model the engine loads itself when that applies; True also packs a Transformer passed in, in place, making it
-        inference-only."""
+        (kimi/ops/bf16_weights.py; with the fp32 one-row kernels ~2.5x faster batch-1 decode on an AVX2 CPU, 1.5x the
+        weight memory). None packs a model the engine loads itself when that applies; True also packs a Transformer
+        passed in, in place, making it inference-only."""
         from kimi.ops import packed_linear
 
         if isinstance(model, Transformer):
