@@ -52,11 +52,18 @@ class MLA(nn.Module):
 
         The latent is what a cache stores: the normalised c_kv and the shared rope key, already rotated.
         """
-        B, T, _ = x.shape
-        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_a_proj(x)
+        return self.finish_project(q, self.kv_a_proj_with_mqa(x), positions)
+
+    def finish_project(self, q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor):
+        """project after its two products of x (ops/packed_linear.py's OneRowMLA computes them its own way):
+        q [B, T, q_proj's or q_a_proj's outputs], kv [B, T, kv_lora + rope] (kv_a_proj_with_mqa's) -> project's."""
+        B, T, _ = kv.shape
+        if not hasattr(self, "q_proj"):
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(B, T, self.num_heads, self.qk_head_dim)
         q_nope, q_pe = q.split([self.qk_nope_head_dim, self.qk_rope_head_dim], dim=-1)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = kv.split([self.kv_lora_rank, self.qk_rope_head_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
         if self.rotary is not None:
             cos, sin = self.rotary(positions)  # [B or 1, T, rope/2]

@@ -470,11 +470,11 @@ def kda_decode(kda, qkv: torch.Tensor, f: torch.Tensor, b: torch.Tensor, gate: t
             and windows.shape[1:] == (3 * P, k - 1) and states.shape[1:] == (H, K, K) and slots.shape == (B,)
             and windows.is_contiguous() and states.is_contiguous() and conv_weight.is_contiguous()
             and qkv.device.type == windows.device.type == states.device.type == "cpu"):
-        raise ValueError(f"kda_decode wants qkv [B, {3 * P}], f and gate [B, {P}], b [B, {H}], a contiguous conv weight "
-                         f"[{3 * P}, {k}] and contiguous pools windows [slots, {3 * P}, {k - 1}], all in one dtype (bf16 "
-                         f"or fp32), states [slots, {H}, {K}, {K}] fp32, slots [B], head dim <= 256, on the CPU; got "
-                         f"qkv {tuple(qkv.shape)} {qkv.dtype}, windows {tuple(windows.shape)} {windows.dtype}, states "
-                         f"{tuple(states.shape)} {states.dtype}, slots {tuple(slots.shape)}")
+        raise ValueError(f"kda_decode wants qkv [B, {3 * P}], f and gate [B, {P}], b [B, {H}], a contiguous conv "
+                         f"weight [{3 * P}, {k}] and contiguous pools windows [slots, {3 * P}, {k - 1}], all in one "
+                         f"dtype (bf16 or fp32), states [slots, {H}, {K}, {K}] fp32, slots [B], head dim <= 256, on "
+                         f"the CPU; got qkv {tuple(qkv.shape)} {qkv.dtype}, windows {tuple(windows.shape)} "
+                         f"{windows.dtype}, states {tuple(states.shape)} {states.dtype}, slots {tuple(slots.shape)}")
     lib = _library_for(dtype)
     qkv, f, b, gate = (t.contiguous() for t in (qkv, f, b, gate))
     slots = slots.to(torch.int64).contiguous()

@@ -35,10 +35,39 @@ static inline float reduce_add(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// row n of W against every row of x: four accumulators along K, so four FMA chains are in flight while W streams
+// row n of W against four rows of x (x [4, K]): each eight weights are widened once for all four rows, so with a few
+// rows (a decode batch, a routed expert's tokens) the product is FMA-bound, not conversion-bound
+static inline void row4(const float *x, int64_t K, const uint16_t *w, int64_t N, int64_t n, float *y, int prefetch) {
+    const int64_t K16 = K & ~(int64_t)15, K8 = K & ~(int64_t)7;
+    __m256 a[4][2];
+    for (int j = 0; j < 4; j++) a[j][0] = a[j][1] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k < K16; k += 16) {
+        if (prefetch) _mm_prefetch((const char *)(w + k) + 1024, _MM_HINT_T0);
+        const __m256 w0 = load_bf16(w + k), w1 = load_bf16(w + k + 8);
+        for (int j = 0; j < 4; j++) {
+            a[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + j * K + k), a[j][0]);
+            a[j][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + j * K + k + 8), a[j][1]);
+        }
+    }
+    for (; k < K8; k += 8) {
+        const __m256 w0 = load_bf16(w + k);
+        for (int j = 0; j < 4; j++) a[j][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + j * K + k), a[j][0]);
+    }
+    for (int j = 0; j < 4; j++) {
+        float s = reduce_add(_mm256_add_ps(a[j][0], a[j][1]));
+        for (int64_t i = k; i < K; i++) s += from_bf16(w[i]) * x[j * K + i];
+        y[j * N + n] = s;
+    }
+}
+
+// row n of W against every row of x: blocks of four rows (row4), then one at a time with four accumulators along K,
+// so four FMA chains are in flight while W streams
 static void row(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N, int64_t n, float *y) {
     const int64_t K32 = K & ~(int64_t)31, K8 = K & ~(int64_t)7;
-    for (int64_t m = 0; m < M; m++) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) row4(x + m * K, K, w, N, n, y + m * N, m == 0);
+    for (; m < M; m++) {
         const float *xm = x + m * K;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         int64_t k = 0;

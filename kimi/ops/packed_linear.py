@@ -139,6 +139,8 @@ class OneRowMLP(MLP):
         if _one_row(x, self.down_proj.plain):
             swiglu = cpu_kernels.swiglu_fp32 if x.dtype == torch.float32 else cpu_kernels.swiglu
             return swiglu(x, self.gate_up_plain, self.down_proj.plain).view(x.shape)
+        if bf16_weights.few_rows(x) and self.down_proj.plain is not None and cpu_kernels.runs(x.dtype):
+            return bf16_weights.swiglu_few(x, self.gate_up_plain, self.down_proj.plain)
         return super().forward(x)
 
 
@@ -191,7 +193,11 @@ class OneRowMLA(MLA):
                          and (not self.q_lora or getattr(mla.q_b_proj, "plain", None) is not None))
 
     def project(self, x: torch.Tensor, positions: torch.Tensor):
-        if not (x.numel() == x.shape[-1] and x.dtype == self.kv_a_layernorm.weight.dtype and cpu_kernels.runs(x.dtype)):
+        if not (x.dtype == self.kv_a_layernorm.weight.dtype and cpu_kernels.runs(x.dtype)):
+            return super().project(x, positions)
+        if x.numel() != x.shape[-1]:  # fp32, a few rows (a decode batch): the stacked products from the bf16 copies
+            if self.in_plain is not None and bf16_weights.few_rows(x):
+                return self.finish_project(*_gemv(x, self.in_plain).split(self.in_split, dim=-1), positions)
             return super().project(x, positions)
         cos = sin = None
         if self.rotary is not None:
@@ -229,7 +235,7 @@ class OneRowKDA(KDA):
                 and x.dtype == self.o_norm.weight.dtype and x.device.type == "cpu" and cpu_kernels.runs(x.dtype)):
             return super().forward(x, positions, cache)
         rows = x.view(B, D)
-        if B == 1 and self.in_plain is not None:
+        if self.in_plain is not None and (B == 1 or bf16_weights.few_rows(rows)):  # fp32: a few rows too
             qkv, f, g, b = _gemv(rows, self.in_plain).split(self.in_split, dim=-1)
         else:
             qkv = torch.cat([self.q_proj(rows), self.k_proj(rows), self.v_proj(rows)], dim=-1)
