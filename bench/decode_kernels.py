@@ -8,8 +8,8 @@
      CPU has them, and in its fp32 form) vs ops/attention.py's torch path.
   3. fp32 models (CPUs without native bf16): y = x W^T for one fp32 row on the same shapes, kimi's gemv_fp32 reading
      a bf16 copy of a bf16-exact weight (kimi/ops/bf16_weights.py) vs torch's fp32 F.linear on the fp32 weight, as
-     time per product and the GB/s each reads; and MLA absorbed decode in fp32 over 100 to 32,768 tokens, kimi's
-     mla_decode_fp32 (kv_b_proj's bf16 copy) vs ops/attention.py's torch path.
+     time per product and the GB/s each reads; the same for 2-16 rows on two shapes; and MLA absorbed decode in fp32
+     over 100 to 32,768 tokens, kimi's mla_decode_fp32 (kv_b_proj's bf16 copy) vs ops/attention.py's torch path.
 Items 1-2 need the AVX-512 kernels, item 3 the AVX2 one; what the CPU cannot run is left out and said so.
 Correctness first, in the same run: gemv within one bf16 rounding (plus fp32 summation noise) of an fp32 product,
 gemv_fp32 within fp32 summation noise of it, the bf16 attention kernel within 2^-7 of the torch path's largest
@@ -65,18 +65,18 @@ def linear_row(shape) -> dict:
             "gemv_vs_packed": gbs["gemv"] / gbs["onednn_packed"], "gemv_vs_F.linear": gbs["gemv"] / gbs["F.linear"]}
 
 
-def linear_row_fp32(shape) -> dict:
+def linear_row_fp32(shape, rows: int = 1) -> dict:
     out, inn = shape
     count = max(1, (256 << 20) // (out * inn * 4))  # 256 MiB of fp32 weights: from memory, as in decode
     copies = [torch.randn(out, inn).bfloat16() for _ in range(count)]
     weights = [w.float() for w in copies]
-    x = torch.randn(1, inn)
+    x = torch.randn(rows, inn)
     ref = x.double() @ weights[0].double().T
     ok = bool(((cpu_kernels.gemv_fp32(x, copies[0]).double() - ref).abs()
                <= 1e-6 * (x.double().abs() @ weights[0].double().abs().T)).all())
     t_gemv = best_of(lambda: [cpu_kernels.gemv_fp32(x, w) for w in copies]) / count
     t_torch = best_of(lambda: [F.linear(x, w) for w in weights]) / count
-    return {"shape": list(shape), "us": {"gemv_fp32": t_gemv * 1e6, "F.linear_fp32": t_torch * 1e6},
+    return {"shape": list(shape), "rows": rows, "us": {"gemv_fp32": t_gemv * 1e6, "F.linear_fp32": t_torch * 1e6},
             "GB_s": {"gemv_fp32": out * inn * 2 / t_gemv / 1e9, "F.linear_fp32": out * inn * 4 / t_torch / 1e9},
             "gemv_fp32_correct": ok, "speedup": t_torch / t_gemv}
 
@@ -176,7 +176,15 @@ def main():
                 u, g = r["us"], r["GB_s"]
                 print(f"fp32 {r['shape'][0]:>6} x {r['shape'][1]:<5} gemv_fp32 (bf16 copy) {u['gemv_fp32']:7.1f} us "
                       f"{g['gemv_fp32']:5.1f} GB/s  F.linear fp32 {u['F.linear_fp32']:7.1f} us "
-                      f"{g['F.linear_fp32']:5.1f} GB/s  ({r['speedup']:.2f}x){'' if r['gemv_fp32_correct'] else '  WRONG'}")
+                      f"{g['F.linear_fp32']:5.1f} GB/s  ({r['speedup']:.2f}x)"
+                      f"{'' if r['gemv_fp32_correct'] else '  WRONG'}")
+            # a few rows (decode batches, a routed expert's tokens): up to bf16_weights.FEW_ROWS take the copies
+            res["fp32_linear_few_rows"] = [linear_row_fp32(s, rows) for s in SHAPES[:3:2] for rows in (2, 4, 8, 16)]
+            for r in res["fp32_linear_few_rows"]:
+                u = r["us"]
+                print(f"fp32 {r['shape'][0]:>6} x {r['shape'][1]:<5} {r['rows']:>2} rows: gemv_fp32 "
+                      f"{u['gemv_fp32']:7.1f} us  F.linear fp32 {u['F.linear_fp32']:7.1f} us  ({r['speedup']:.2f}x)"
+                      f"{'' if r['gemv_fp32_correct'] else '  WRONG'}")
             mla = MLA(ModelConfig.from_dict(K2_BENCH), 0)
             torch.nn.init.normal_(mla.kv_b_proj.weight, std=0.05)
             mla.kv_b_proj.weight.data = mla.kv_b_proj.weight.data.bfloat16().float()  # a bf16 checkpoint's weight
