@@ -143,41 +143,42 @@ def hf_generate_padded(hf, prompts, n, pad=2):
                                      pad_token_id=pad))[0]
 
 
-def _padded_child(path, dtype, threads, prompts, n, messages):
+def _padded_child(path, dtype, threads, prompts, n, conn):
     torch.set_num_threads(threads)
     import transformers
 
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # tqdm's lock is a semaphore the stopped child would leak
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
-    messages.put("loaded")
+    conn.send("loaded")
     with torch.inference_mode():
-        messages.put(hf_generate_padded(hf, prompts, n))
+        conn.send(hf_generate_padded(hf, prompts, n))
 
 
 def hf_generate_padded_bounded(path, dtype, prompts, n, timeout: float) -> tuple[float, bool]:
     """hf_generate_padded in a child process that loads the checkpoint at `path` itself, stopped `timeout` seconds
     after it starts generating (CPU): (seconds, finished). In fp32 on a CPU without native bf16 transformers' padded
     batch of the full-size item runs for over 50 minutes; a bound on it says whether kimi is >= 3x faster. (A spawned
-    child, not a forked one: a forked torch can hang in its first OpenMP region.)"""
+    child, not a forked one: a forked torch can hang in its first OpenMP region. A pipe, not a queue: a queue's lock
+    would leak with the stopped child.)"""
     import multiprocessing as mp
-    import queue
 
     ctx = mp.get_context("spawn")
-    messages = ctx.Queue()
-    child = ctx.Process(target=_padded_child, args=(path, dtype, torch.get_num_threads(), prompts, n, messages),
+    conn, child_conn = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_padded_child, args=(path, dtype, torch.get_num_threads(), prompts, n, child_conn),
                         daemon=True)
     child.start()
     try:
-        assert messages.get(timeout=600) == "loaded"
+        if not (conn.poll(600) and conn.recv() == "loaded"):
+            raise RuntimeError("transformers' padded-batch child did not load the checkpoint within 10 minutes")
         t = time.perf_counter()
-        try:
-            return messages.get(timeout=timeout), True
-        except queue.Empty:
-            return time.perf_counter() - t, False
+        if conn.poll(timeout):
+            return conn.recv(), True
+        return time.perf_counter() - t, False
     finally:
         child.kill()
         child.join()
-        messages.close()
+        conn.close()
 
 
 def fill_and_decode(llm, context: int, steps: int) -> float:

@@ -28,8 +28,7 @@ so they run without AVX-512 too; built and loaded the same way; `fp32_available(
 bf16 copies of bf16-exact fp32 weights (kimi/ops/bf16_weights.py): `gemv_fp32`, `mla_decode_fp32`, `swiglu_fp32`,
 `mla_project_x_fp32` (all of MLA.project for one token, its products included) and `moe_one_fp32` (a whole MoE block
 for one token); `rms_norm`, `route_one`, `mla_project_one` and `kda_decode` take either dtype (`runs(dtype)` says
-where). All
-compute in fp32 and differ from the torch paths only in summation order (tests/test_bf16_weights.py).
+where). All compute in fp32 and differ from the torch paths only in summation order (tests/test_bf16_weights.py).
 """
 
 from __future__ import annotations

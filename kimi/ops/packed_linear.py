@@ -177,9 +177,10 @@ class OneRowRMSNorm(RMSNorm):
 
 class OneRowMLA(MLA):
     """An MLA layer with plain bf16 weights (packed, or an fp32 model's bf16 copies) whose one-token projections are
-    two gemv calls (the products of x stacked into one weight
-    stream, then q_b_proj) and one C call for the norm, the rotations and the latent (cpu_kernels.mla_project_one):
-    in torch that tail is ~15 small ops a layer. Everything else is MLA's."""
+    two gemv calls (the products of x stacked into one weight stream, then q_b_proj) and one C call for the norm, the
+    rotations and the latent (cpu_kernels.mla_project_one; in torch that tail is ~15 small ops a layer); in fp32 all
+    of it is one call (cpu_kernels.mla_project_x_fp32), and a few rows take the stacked product too. Everything else
+    is MLA's."""
 
     def __init__(self, mla: MLA):
         nn.Module.__init__(self)
