@@ -94,31 +94,35 @@ def _load(what: str, source: Path, flags: list[str], supported: str, lacks: str)
     return lib
 
 
+_i64, _ptr, _f32, _int = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+# kernels both libraries have, with one signature: kimi_<name>_bf16 (cpu_kernels.c), kimi_<name>_f32 (the fp32 one)
+_BOTH = {
+    "rmsnorm": ([_ptr, _i64, _i64, _ptr, _f32, _ptr], None),
+    "mla_project_one": ([_ptr, _i64, _i64, _i64, _ptr, _i64, _ptr, _f32, _ptr, _ptr, _ptr, _ptr], None),
+    "route_one": ([_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _f32, _ptr, _ptr], None),
+    "kda_decode": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _ptr, _f32, _ptr, _ptr, _ptr, _i64, _i64, _i64,
+                    _i64, _i64, _ptr, _int], _int),
+}
+
+
+def _declare(lib: ctypes.CDLL, suffix: str, own: dict[str, tuple]) -> ctypes.CDLL:
+    """Set argtypes and restype of the _BOTH kernels (named with `suffix`) and of the library's `own` ones."""
+    for name, (args, result) in {**{f"kimi_{n}_{suffix}": sig for n, sig in _BOTH.items()}, **own}.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, result
+    return lib
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (decided once per process, and logged)."""
     lib = _load("kimi's C CPU kernels", _SOURCE, _FLAGS, "kimi_cpu_kernels_supported", "AVX-512 (F, BW, VL)")
-    if lib is None:
-        return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.kimi_gemv_bf16.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
-    lib.kimi_gemv_bf16.restype = ctypes.c_int
-    lib.kimi_mla_decode_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64,
-                                         ctypes.c_float, ctypes.c_int, ptr, ctypes.c_int]
-    lib.kimi_mla_decode_bf16.restype = ctypes.c_int
-    lib.kimi_rmsnorm_bf16.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
-    lib.kimi_rmsnorm_bf16.restype = None
-    lib.kimi_swiglu_one_bf16.argtypes = [ptr, i64, ptr, ptr, i64, ctypes.c_float, ptr, ptr]
-    lib.kimi_swiglu_one_bf16.restype = ctypes.c_int
-    lib.kimi_route_one_bf16.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr,
-                                        ptr]
-    lib.kimi_route_one_bf16.restype = None
-    lib.kimi_kda_decode_bf16.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_float, ptr, ptr, ptr,
-                                         i64, i64, i64, i64, i64, ptr, ctypes.c_int]
-    lib.kimi_kda_decode_bf16.restype = ctypes.c_int
-    lib.kimi_mla_project_one_bf16.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_float, ptr, ptr, ptr, ptr]
-    lib.kimi_mla_project_one_bf16.restype = None
-    return lib
+    return lib and _declare(lib, "bf16", {
+        "kimi_gemv_bf16": ([_ptr, _i64, _i64, _ptr, _i64, _ptr, _int], _int),
+        "kimi_mla_decode_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
+                                  _f32, _int, _ptr, _int], _int),
+        "kimi_swiglu_one_bf16": ([_ptr, _i64, _ptr, _ptr, _i64, _f32, _ptr, _ptr], _int),
+    })
 
 
 def available() -> bool:
@@ -130,32 +134,16 @@ def available() -> bool:
 def _fp32_library() -> ctypes.CDLL | None:
     """The fp32 models' kernels (cpu_kernels_fp32.c), or None; decided once per process, and logged."""
     lib = _load("kimi's fp32 CPU kernels", _FP32_SOURCE, _FP32_FLAGS, "kimi_fp32_kernels_supported", "AVX2 + FMA")
-    if lib is None:
-        return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.kimi_gemv_f32_bf16w.argtypes = [ptr, i64, i64, ptr, i64, ptr, ctypes.c_int]
-    lib.kimi_gemv_f32_bf16w.restype = None
-    lib.kimi_mla_decode_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, i64, i64, i64, i64, i64, i64, i64,
-                                        ctypes.c_float, ptr, ctypes.c_int]
-    lib.kimi_mla_decode_f32.restype = ctypes.c_int
-    lib.kimi_swiglu_f32.argtypes = [ptr, i64, ptr, ptr, i64, ctypes.c_float, ptr, ptr]
-    lib.kimi_swiglu_f32.restype = ctypes.c_int
-    lib.kimi_rmsnorm_f32.argtypes = [ptr, i64, i64, ptr, ctypes.c_float, ptr]
-    lib.kimi_rmsnorm_f32.restype = None
-    lib.kimi_mla_project_one_f32.argtypes = [ptr, i64, i64, i64, ptr, i64, ptr, ctypes.c_float, ptr, ptr, ptr, ptr]
-    lib.kimi_mla_project_one_f32.restype = None
-    lib.kimi_route_one_f32.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr]
-    lib.kimi_route_one_f32.restype = None
-    lib.kimi_mla_project_x_f32.argtypes = [ptr, i64, ptr, i64, ptr, ctypes.c_float, ptr, i64, i64, i64, i64, ptr,
-                                           ctypes.c_float, ptr, ptr, ptr, ptr, ptr]
-    lib.kimi_mla_project_x_f32.restype = ctypes.c_int
-    lib.kimi_moe_one_f32.argtypes = [ptr, i64, ptr, ptr, i64, i64, i64, i64, ctypes.c_int, ctypes.c_float, ptr, ptr,
-                                     i64, ptr, ptr, i64, ptr]
-    lib.kimi_moe_one_f32.restype = ctypes.c_int
-    lib.kimi_kda_decode_f32.argtypes = [ptr, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ctypes.c_float, ptr, ptr, ptr,
-                                        i64, i64, i64, i64, i64, ptr, ctypes.c_int]
-    lib.kimi_kda_decode_f32.restype = ctypes.c_int
-    return lib
+    return lib and _declare(lib, "f32", {
+        "kimi_gemv_f32_bf16w": ([_ptr, _i64, _i64, _ptr, _i64, _ptr, _int], None),
+        "kimi_mla_decode_f32": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
+                                 _f32, _ptr, _int], _int),
+        "kimi_swiglu_f32": ([_ptr, _i64, _ptr, _ptr, _i64, _f32, _ptr, _ptr], _int),
+        "kimi_mla_project_x_f32": ([_ptr, _i64, _ptr, _i64, _ptr, _f32, _ptr, _i64, _i64, _i64, _i64, _ptr, _f32, _ptr,
+                                    _ptr, _ptr, _ptr, _ptr], _int),
+        "kimi_moe_one_f32": ([_ptr, _i64, _ptr, _ptr, _i64, _i64, _i64, _i64, _int, _f32, _ptr, _ptr, _i64, _ptr, _ptr,
+                              _i64, _ptr], _int),
+    })
 
 
 def fp32_available() -> bool:
