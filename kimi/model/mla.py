@@ -131,7 +131,9 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_pe], dim=-1).transpose(1, 2)  # [1, H, T, qk]
         k, v = self.expand(latent)
         v = self._pad_v(v)
-        outs = [self._sdpa(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], None) for a, b in zip(cu_seqlens, cu_seqlens[1:])]
+        # split, not a slice per sequence: each slice's backward would zero-fill a gradient of all T tokens
+        lens = [b - a for a, b in zip(cu_seqlens, cu_seqlens[1:])]
+        outs = [self._sdpa(*qkv, None) for qkv in zip(q.split(lens, 2), k.split(lens, 2), v.split(lens, 2))]
         return torch.cat(outs, dim=2)[..., : self.v_head_dim].transpose(1, 2)
 
     def _pad_v(self, v: torch.Tensor) -> torch.Tensor:

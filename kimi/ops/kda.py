@@ -262,13 +262,15 @@ def chunk_kda(q, k, v, g, beta, scale=None, initial_state=None, output_final_sta
                                              take(v).to(dt), take(g).to(dt), take(beta).to(dt))
         C = U.shape[-2]
         o = []
-        for start, count in steps:
+        # one split per term, not a slice per step: under autograd every slice's backward fills a zero tensor
+        # the size of the whole term, a split's backward is one concatenation
+        counts = [count for _, count in steps]
+        for count, wq, u, aqk, kd, dec in zip(counts, *(x.split(counts) for x in (WQ, U, Aqk, Kd, decay))):
             S = lanes.retire(S, count)
-            r = slice(start - lo, start - lo + count)
-            X = WQ[r] @ S                                                 # [n, H, 2C, V]: W S and exp(G) q S
-            Vn = (U[r] - X[..., :C, :]).flatten(0, 1)                     # delta-corrected values V'
-            o.append(torch.baddbmm(X[..., C:, :].flatten(0, 1), Aqk[r].flatten(0, 1), Vn))  # inter + intra
-            S = torch.baddbmm((S * decay[r]).flatten(0, 1), Kd[r].flatten(0, 1), Vn).view_as(S)
+            W_S, qS = (wq @ S).split(C, -2)                               # [n, H, C, V] each: W S and exp(G) q S
+            Vn = (u - W_S).flatten(0, 1)                                  # delta-corrected values V'
+            o.append(torch.baddbmm(qS.flatten(0, 1), aqk.flatten(0, 1), Vn))  # inter + intra
+            S = torch.baddbmm((S * dec).flatten(0, 1), kd.flatten(0, 1), Vn).view_as(S)
         outs.append(torch.cat(o).view(-1, H, C, V).to(q.dtype))
         return S
 
