@@ -15,7 +15,7 @@ import torch
 from kimi.model.model import build_model
 from kimi.tokenizer.chat import render_ids
 from kimi.tokenizer.tokenizer import Tokenizer
-from kimi.train.data import IGNORE, Loader, Split, eval_batches, prepare, prepare_main
+from kimi.train.data import IGNORE, Loader, Split, eval_batches, make_batch, prepare, prepare_main
 from kimi.train.packing import Documents, packed_forward
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -206,3 +206,18 @@ def test_all_tokens_trains_on_what_the_mask_leaves_out(tmp_path, tok_dir):
     kept = masked.targets != IGNORE
     assert 0 < kept.sum() < (every.targets != IGNORE).sum()
     assert torch.equal(masked.targets[kept], every.targets[kept])
+
+
+def test_whole_documents_drops_only_the_targets_of_a_document_begun_before_its_row(corpus):
+    T = 32
+    at_start, inside = int(corpus.starts[3]), int(corpus.starts[3]) + 2  # a row opening at / inside document 3
+    plain = make_batch(corpus, [at_start, inside], T)
+    whole = make_batch(corpus, [at_start, inside], T, whole_documents=True)
+    assert torch.equal(plain.input_ids, whole.input_ids) and torch.equal(plain.doc_ids, whole.doc_ids)
+    assert torch.equal(whole.targets[0], plain.targets[0])
+    head = plain.doc_ids[1] == plain.doc_ids[1, 0]
+    assert head.any() and (~head).any() and (plain.targets[1][head] != IGNORE).any()
+    assert torch.equal(whole.targets[1], torch.where(head, IGNORE, plain.targets[1]))
+    # the loader's rows get the same treatment
+    a, b = next(Loader(corpus, T, 4, seed=2)), next(Loader(corpus, T, 4, seed=2, whole_documents=True))
+    assert torch.equal(a.input_ids, b.input_ids) and (b.targets != IGNORE).sum() < (a.targets != IGNORE).sum()

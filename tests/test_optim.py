@@ -27,11 +27,12 @@ def _random_spectrum(shape, low, high, generator=None):
     return (u * s[..., None, :]) @ v.mT, u, v
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("shape", [(32, 96), (96, 32), (64, 64), (3, 40, 24)])
-def test_newton_schulz_is_close_to_the_polar_factor(shape):
+def test_newton_schulz_is_close_to_the_polar_factor(shape, dtype):
     g, u, v = _random_spectrum(shape, 0.2, 2.0)  # condition number 10
-    out = newton_schulz(g.float())
-    assert out.dtype == torch.bfloat16 and out.shape == g.shape
+    out = newton_schulz(g.float(), dtype=dtype)
+    assert out.dtype == dtype and out.shape == g.shape
     out = out.double()
     # Five quintic steps do not converge: singular values land in ~[0.68, 1.13] (muon.md §1.2), plus bf16 noise.
     sv = torch.linalg.svdvals(out)
@@ -81,7 +82,7 @@ def test_muon_half_matches_torch_muon(scale, nesterov, shape):
     p = nn.Parameter(torch.randn(shape))
     q = nn.Parameter(p.detach().clone())
     hyper = dict(lr=0.02, weight_decay=0.1, momentum=0.9, nesterov=nesterov)
-    ours = MuonAdamW([dict(params=[p], kind="muon", scale=scale, **hyper)])
+    ours = MuonAdamW([dict(params=[p], kind="muon", scale=scale, **hyper)], ns_dtype=torch.bfloat16)
     theirs = torch.optim.Muon([q], adjust_lr_fn=TORCH_SCALE[scale], **hyper)
     _run_pair(ours, theirs, p, q, 6, shape)
     torch.testing.assert_close(p, q, rtol=0, atol=0)
@@ -98,7 +99,7 @@ def test_same_shape_matrices_batched_match_torch_muon_one_by_one(batch_numel, mo
     shapes = [(48, 32), (32, 80), (48, 32), (48, 32), (32, 80), (48, 32), (7, 5)]
     ps = [nn.Parameter(torch.randn(s)) for s in shapes]
     qs = [nn.Parameter(p.detach().clone()) for p in ps]
-    ours = MuonAdamW([dict(params=ps, kind="muon", lr=0.02, weight_decay=0.1)])
+    ours = MuonAdamW([dict(params=ps, kind="muon", lr=0.02, weight_decay=0.1)], ns_dtype=torch.bfloat16)
     theirs = torch.optim.Muon(qs, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     for _ in range(3):
         for p, q in zip(ps, qs):
@@ -114,7 +115,7 @@ def test_stacked_experts_match_torch_muon_per_expert():
     E, shape = 3, (24, 40)
     p = nn.Parameter(torch.randn(E, *shape))
     qs = [nn.Parameter(p.detach()[e].clone()) for e in range(E)]
-    ours = MuonAdamW([dict(params=[p], kind="muon", lr=0.05, weight_decay=0.1)])
+    ours = MuonAdamW([dict(params=[p], kind="muon", lr=0.05, weight_decay=0.1)], ns_dtype=torch.bfloat16)
     theirs = torch.optim.Muon(qs, lr=0.05, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
     for step in range(4):
         g = torch.randn(E, *shape) * torch.tensor([1e-3, 1.0, 1e3])[:, None, None]
@@ -339,6 +340,29 @@ def test_state_from_a_different_model_is_refused_by_name():
         build_optimizer(renamed, optimizer="muon").load_state_dict(state)
     with pytest.raises(ValueError, match="param groups"):
         build_optimizer(model, optimizer="adamw").load_state_dict(state)
+
+
+def test_newton_schulz_runs_in_bf16_only_where_bf16_is_native(monkeypatch):
+    # fp32 where bf16 matmuls would be emulated (~40% of a small model's CPU training step in bf16); the update is
+    # the same polar factor either way, to bf16's rounding
+    seen = []
+    real = optim.newton_schulz
+    monkeypatch.setattr(optim, "newton_schulz", lambda x, *a: seen.append(a[-1]) or real(x, *a))
+    g = torch.randn(3, 24, 40)
+    updates = {}
+    for native in (True, False):
+        monkeypatch.setattr(optim, "default_dtype", lambda device, n=native: torch.bfloat16 if n else torch.float32)
+        p = nn.Parameter(torch.zeros(3, 24, 40))
+        opt = MuonAdamW([dict(params=[p], kind="muon", lr=0.1, weight_decay=0.0)])
+        p.grad = g.clone()
+        opt.step()
+        updates[native] = p.detach().clone()
+    assert seen == [torch.bfloat16, torch.float32]
+    torch.testing.assert_close(updates[False], updates[True], atol=0.02 * updates[True].abs().max().item(), rtol=0)
+    explicit = MuonAdamW([dict(params=[nn.Parameter(torch.zeros(4, 4))], kind="muon")], ns_dtype=torch.bfloat16)
+    explicit.param_groups[0]["params"][0].grad = torch.randn(4, 4)
+    explicit.step()
+    assert seen[-1] == torch.bfloat16  # an explicit dtype wins
 
 
 def test_low_precision_parameters_keep_fp32_state():

@@ -17,7 +17,10 @@ The loader cuts a split's stream into windows of T + 1 tokens (inputs and shifte
 whose offset and order are drawn per epoch from (seed, epoch); a step takes the next `global rows` windows and
 rank r reads its contiguous slice, so any world size sees the same global batch. Its whole state is (epoch, cursor),
 saved in checkpoints. Targets that cross a document boundary or are masked out are -100 (ignored); documents are
-isolated inside a row by train/packing.py.
+isolated inside a row by train/packing.py. `whole_documents` also ignores the targets of a document whose start lies
+before its row: for chat data, where such a tail's assistant turns would be trained without the system prompt and
+tool schemas they answer to (guessing tool and parameter names from priors): 36% of toolverse-2's targets at
+T 1,024, 17% at 2,048.
 """
 
 from __future__ import annotations
@@ -213,12 +216,17 @@ class Batch:
         return Batch(*(t.to(device, non_blocking=True) for t in (self.input_ids, self.targets, self.doc_ids)))
 
 
-def make_batch(split: Split, window_starts, seq_len: int, all_tokens: bool = False) -> Batch:
-    """all_tokens: every next token within a document is a target, whatever the loss mask says."""
+def make_batch(split: Split, window_starts, seq_len: int, all_tokens: bool = False,
+               whole_documents: bool = False) -> Batch:
+    """all_tokens: every next token within a document is a target, whatever the loss mask says. whole_documents: no
+    targets in a document that began before its row (see the module docstring)."""
     rows = [split.read(int(s), int(s) + seq_len + 1) for s in window_starts]
     tokens = np.stack([r[0] for r in rows])
     mask = np.stack([r[1] for r in rows]) | all_tokens
     docs = np.stack([r[2] for r in rows])
+    if whole_documents:
+        cut = split.starts[docs[:, 0]] < np.asarray(window_starts)  # [B] the row opens inside a document
+        mask &= ~(cut[:, None] & (docs == docs[:, :1]))
     targets = np.where(mask[:, 1:] & (docs[:, 1:] == docs[:, :-1]), tokens[:, 1:], IGNORE)
     return Batch(torch.from_numpy(tokens[:, :-1]), torch.from_numpy(targets), torch.from_numpy(docs[:, :-1]))
 
@@ -227,18 +235,18 @@ class Loader:
     """Deterministic, resumable packed batches of one split (see the module docstring).
 
     rows: rows per step on this rank; world, rank: data-parallel layout (global rows = rows * world);
-    all_tokens: train on every token, not only the masked-in ones (make_batch).
+    all_tokens, whole_documents: which tokens are targets (make_batch).
     """
 
     def __init__(self, split: Split, seq_len: int, rows: int, seed: int = 0, rank: int = 0, world: int = 1,
-                 all_tokens: bool = False):
+                 all_tokens: bool = False, whole_documents: bool = False):
         if seq_len < 1 or rows < 1:
             raise ValueError(f"seq_len and rows must be >= 1, got {seq_len}, {rows}")
         if split.num_tokens < seq_len + 1:
             raise ValueError(f"--seq-len {seq_len} needs at least {seq_len + 1} tokens per sequence, but the data has "
                              f"only {split.num_tokens}")
         self.split, self.seq_len, self.rows, self.seed, self.rank, self.world = split, seq_len, rows, seed, rank, world
-        self.all_tokens = all_tokens
+        self.all_tokens, self.whole_documents = all_tokens, whole_documents
         self.epoch, self.cursor = 0, 0
         self._order = None
 
@@ -265,7 +273,7 @@ class Loader:
             if self.cursor >= len(self._order):
                 self.epoch, self.cursor, self._order = self.epoch + 1, 0, None
         mine = starts[self.rank * self.rows:(self.rank + 1) * self.rows]
-        return make_batch(self.split, mine, self.seq_len, self.all_tokens)
+        return make_batch(self.split, mine, self.seq_len, self.all_tokens, self.whole_documents)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor, "seed": self.seed, "seq_len": self.seq_len,

@@ -7,11 +7,13 @@ group (asserted) and attaches a `QKClip` (kimi/train/qk_clip.py), which makes th
 
 The math, its sources and the pitfalls it avoids are in shared/reference/muon.md:
   §1.1 Nesterov momentum in the EMA form (same direction as the sum form, NS is scale-free),
-  §1.2 Newton–Schulz quintic, 5 steps, bf16, coefficients (3.4445, -4.7750, 2.0315),
+  §1.2 Newton–Schulz quintic, 5 steps, bf16, coefficients (3.4445, -4.7750, 2.0315) (in fp32 where bf16 would be
+       emulated: on a CPU without native bf16 the bf16 iteration was ~40% of a built-in-model training step),
   §1.4 the update scale: Moonlight's 0.2·√max(A, B) (default: update RMS = 0.2·lr, so AdamW's lr and
        weight decay carry over) or Keller Jordan's √max(1, A/B),
   §1.3 / §5 routing: embeddings, lm_head, norms, biases, gate scalars and conv kernels go to AdamW.
-The Muon half is bit-identical to `torch.optim.Muon` on a 2-D parameter (tests/test_optim.py).
+The Muon half is bit-identical to `torch.optim.Muon` on a 2-D parameter with Newton–Schulz in bf16
+(tests/test_optim.py).
 
 Data parallelism: under DDP every rank holds the full, already all-reduced gradient and runs the
 same deterministic Newton–Schulz, so each update orthogonalises the full matrix. Parameters sharded
@@ -23,6 +25,8 @@ import math
 
 import torch
 from torch import nn
+
+from kimi.ops.dtypes import default_dtype
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 SCALES = ("moonlight", "keller")
@@ -40,8 +44,10 @@ _DEFAULTS = {
 _ADAMW_LEAVES = {"A_log", "dt_bias", "bias"}
 
 
-def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> torch.Tensor:
-    """Approximate the polar factor U·Vᵀ of every matrix in `update` [..., A, B]; returns bf16.
+def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7,
+                  dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Approximate the polar factor U·Vᵀ of every matrix in `update` [..., A, B], computed and returned in
+    `dtype` (bf16 as in muon.md; fp32 where bf16 matmuls are emulated).
 
     Each matrix over the leading (expert) dims is normalised by its own Frobenius norm and
     orthogonalised on its own: a batch of matrices, never one slab. The quintic's coefficients
@@ -52,7 +58,7 @@ def newton_schulz(update: torch.Tensor, steps: int = 5, eps: float = 1e-7) -> to
     if update.ndim < 2:
         raise ValueError(f"newton_schulz expects [..., A, B] matrices, got shape {tuple(update.shape)}")
     a, b, c = NS_COEFFICIENTS
-    x = update.bfloat16()
+    x = update.to(dtype)
     tall = x.size(-2) > x.size(-1)
     if tall:
         x = x.mT  # work on [.., min, max] so the Gram matrix is min(A, B)² in size
@@ -203,7 +209,7 @@ def gather_full(tensor: torch.Tensor):
 
 
 def muon_step_(params, grads, momentum_buffers, *, lr, weight_decay, momentum, nesterov, ns_steps, ns_eps,
-               scale) -> None:
+               scale, ns_dtype=torch.bfloat16) -> None:
     """One Muon step on a list of parameters ([A, B] matrices or stacked experts [E, A, B]), in place.
 
     Updates of the same shape are stacked into one batched Newton–Schulz (fewer, larger matmuls:
@@ -221,7 +227,7 @@ def muon_step_(params, grads, momentum_buffers, *, lr, weight_decay, momentum, n
         per_batch = max(1, NS_BATCH_NUMEL // shape.numel())
         for start in range(0, len(items), per_batch):
             batch = items[start:start + per_batch]
-            ortho = newton_schulz(torch.stack([full for _, full, _ in batch]), ns_steps, ns_eps)  # bf16 [n, *shape]
+            ortho = newton_schulz(torch.stack([full for _, full, _ in batch]), ns_steps, ns_eps, ns_dtype)  # [n, *shape]
             for (i, _, put_back), o in zip(batch, ortho):
                 p = params[i]
                 p.mul_(1 - lr * weight_decay)  # decoupled; on the unscaled lr like torch and Moonlight
@@ -244,11 +250,13 @@ class MuonAdamW(torch.optim.Optimizer):
 
     `qk_clip` (a `kimi.train.qk_clip.QKClip`, or any callable) runs after every update, on the
     updated fp32 master weights; what it returns (per-layer max logits) is kept in `max_logits`.
-    Optimizer state is fp32 whatever the parameter dtype (muon.md §5.5).
+    Optimizer state is fp32 whatever the parameter dtype (muon.md §5.5). `ns_dtype`: Newton–Schulz's dtype; None
+    (default) = bf16 where the parameters' device multiplies bf16 natively, fp32 where it would be emulated.
     """
 
-    def __init__(self, params, qk_clip=None):
+    def __init__(self, params, qk_clip=None, ns_dtype: torch.dtype | None = None):
         self.qk_clip = qk_clip
+        self.ns_dtype = ns_dtype
         self.max_logits = None
         super().__init__(params, {})
 
@@ -315,22 +323,25 @@ class MuonAdamW(torch.optim.Optimizer):
                     adamw_update_(p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"],
                                   **settings)
             if muon_params:
-                muon_step_(muon_params, muon_grads, muon_buffers, **settings)
+                ns_dtype = self.ns_dtype or default_dtype(muon_params[0].device)
+                muon_step_(muon_params, muon_grads, muon_buffers, **settings, ns_dtype=ns_dtype)
         if self.qk_clip is not None:
             self.max_logits = self.qk_clip()
         return loss
 
 
 def build_optimizer(model: nn.Module, *, optimizer: str = "muonclip", lr: float = 1e-3,
-                    weight_decay: float = 0.1, qk_clip_tau: float = 100.0, **kwargs) -> MuonAdamW:
+                    weight_decay: float = 0.1, qk_clip_tau: float = 100.0, ns_dtype: torch.dtype | None = None,
+                    **kwargs) -> MuonAdamW:
     """The optimizer for `kimi train`: "muonclip" (Muon + AdamW + QK-Clip at `qk_clip_tau`),
     "muon" (no clip) or "adamw" (AdamW on everything).
 
     In every mode the attention layers' per-head max logits are collected and reset after each
     step, so they can be logged (`optimizer.max_logits`); only "muonclip" rescales weights.
-    Other keyword arguments go to `build_param_groups`.
+    ns_dtype: see MuonAdamW. Other keyword arguments go to `build_param_groups`.
     """
     from kimi.train.qk_clip import QKClip
 
     groups = build_param_groups(model, optimizer=optimizer, lr=lr, weight_decay=weight_decay, **kwargs)
-    return MuonAdamW(groups, qk_clip=QKClip(model, tau=qk_clip_tau if optimizer == "muonclip" else None))
+    return MuonAdamW(groups, qk_clip=QKClip(model, tau=qk_clip_tau if optimizer == "muonclip" else None),
+                     ns_dtype=ns_dtype)

@@ -204,7 +204,7 @@ def train(args) -> dict:
     model, opt = build(args, cfg, device, ckpt)
     base_lrs = [g["lr"] for g in opt.param_groups]  # before a resume overwrites them with the scheduled values
     loader = Loader(Split(args.data, "train"), args.seq_len, rows, seed=args.seed, rank=rank, world=world,
-                    all_tokens=args.all_tokens)
+                    all_tokens=args.all_tokens, whole_documents=args.whole_documents)
     val = Split(args.data, "val") if "val" in manifest["splits"] else None
     start = 0
     if ckpt is not None:
@@ -332,6 +332,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--all-tokens", action="store_true",
                    help="train on every token, ignoring the data's loss mask (e.g. a warm-up on whole chat "
                         "conversations; the validation loss keeps the mask)")
+    p.add_argument("--whole-documents", action="store_true",
+                   help="no loss on a document that began before its row (chat data: those assistant turns would be "
+                        "trained without the system prompt and tools they answer to)")
     p.add_argument("--val-every", type=int, default=100, help="validation loss every N steps and at the end (0 = off)")
     p.add_argument("--val-tokens", type=int, default=None, help="validate on at most this many tokens (default all)")
     p.add_argument("--save-every", type=int, default=0,
