@@ -6,7 +6,8 @@ above fp32's speed: on CUDA GPUs that support it, and on CPUs for which oneDNN h
 AVX512-BF16, AMX; Arm with BF16), which is what torch.ops.mkldnn._is_mkldnn_bf16_supported() reports. Elsewhere
 torch falls back to a generic bf16 GEMM. Measured on a 2-core AVX2 AMD EPYC (Zen 3), one thread: a 2048x768x2048
 product 8.9 GFLOP/s in bf16 vs 60.6 in fp32, a one-row product 8.3 vs 35.7 GB/s of weights, a `kimi train` step of
-the built-in model 420 vs 1,300-1,540 tokens/s (bf16 autocast vs fp32), and bench/engine.py's 64 concurrent
+the built-in model 420 vs 1,300-1,540 tokens/s (bf16 autocast vs fp32; 3,700 once Muon's Newton-Schulz
+ran in fp32 too, kimi/train/optim.py), and bench/engine.py's 64 concurrent
 requests did not finish in 10 minutes in bf16 where fp32 took 2.4. There the default is fp32.
 
 An explicit dtype always wins; the automatic choice is made once per device kind and logged (logger "kimi").

@@ -227,7 +227,8 @@ def muon_step_(params, grads, momentum_buffers, *, lr, weight_decay, momentum, n
         per_batch = max(1, NS_BATCH_NUMEL // shape.numel())
         for start in range(0, len(items), per_batch):
             batch = items[start:start + per_batch]
-            ortho = newton_schulz(torch.stack([full for _, full, _ in batch]), ns_steps, ns_eps, ns_dtype)  # [n, *shape]
+            stacked = torch.stack([full for _, full, _ in batch])  # [n, *shape]
+            ortho = newton_schulz(stacked, ns_steps, ns_eps, ns_dtype)
             for (i, _, put_back), o in zip(batch, ortho):
                 p = params[i]
                 p.mul_(1 - lr * weight_decay)  # decoupled; on the unscaled lr like torch and Moonlight
