@@ -76,7 +76,7 @@ def train_args(job: dict) -> Namespace:
                      min_lr_ratio=0.1, decay_frac=0.2, grad_clip=1.0, autocast=job["autocast"],
                      val_every=max(1, steps // job["val_points"]), val_tokens=None, save_every=0, keep=1,
                      stop_after=0, init_from=None, resume=False, seed=job["seed"], device="cpu", threads=job["threads"],
-                     all_tokens=False, no_progress=True)
+                     all_tokens=False, whole_documents=False, no_progress=True)
 
 
 def summarize(job: dict, wall: float | None) -> dict:
