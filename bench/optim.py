@@ -67,16 +67,21 @@ def run_dir(job: dict) -> Path:
 
 
 def train_args(job: dict) -> Namespace:
-    """The kimi.train.trainer.train arguments of one bench run."""
+    """The kimi.train.trainer.train arguments of one bench run: the trainer's own defaults, then the bench's values."""
+    from kimi.train.trainer import add_train_arguments
+
+    parser = argparse.ArgumentParser()
+    add_train_arguments(parser)
     steps = job["tokens"] // job["batch_tokens"]
-    return Namespace(model_config=job["config"], data=job["data"], out=str(run_dir(job)), steps=steps,
-                     batch_tokens=job["batch_tokens"], seq_len=job["seq_len"], micro_batch=0,
-                     optimizer=job["optimizer"], lr=job["lr"], adamw_lr=None, weight_decay=0.1,
-                     muon_scale="moonlight", qk_clip_tau=job["tau"], warmup=job["warmup"], schedule="cosine",
-                     min_lr_ratio=0.1, decay_frac=0.2, grad_clip=1.0, autocast=job["autocast"],
-                     val_every=max(1, steps // job["val_points"]), val_tokens=None, save_every=0, keep=1,
-                     stop_after=0, init_from=None, resume=False, seed=job["seed"], device="cpu", threads=job["threads"],
-                     all_tokens=False, whole_documents=False, no_progress=True)
+    args = parser.parse_args(["--data", job["data"], "--out", str(run_dir(job)), "--steps", str(steps),
+                              "--batch-tokens", str(job["batch_tokens"]), "--seq-len", str(job["seq_len"])])
+    return Namespace(**{**vars(args), **dict(
+        model_config=job["config"], micro_batch=0, optimizer=job["optimizer"], lr=job["lr"], adamw_lr=None,
+        weight_decay=0.1, muon_scale="moonlight", qk_clip_tau=job["tau"], warmup=job["warmup"], schedule="cosine",
+        min_lr_ratio=0.1, decay_frac=0.2, grad_clip=1.0, autocast=job["autocast"],
+        val_every=max(1, steps // job["val_points"]), val_tokens=None, save_every=0, keep=1, stop_after=0,
+        init_from=None, resume=False, seed=job["seed"], device="cpu", threads=job["threads"], all_tokens=False,
+        no_progress=True)})
 
 
 def summarize(job: dict, wall: float | None) -> dict:
