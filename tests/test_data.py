@@ -221,3 +221,11 @@ def test_whole_documents_drops_only_the_targets_of_a_document_begun_before_its_r
     # the loader's rows get the same treatment
     a, b = next(Loader(corpus, T, 4, seed=2)), next(Loader(corpus, T, 4, seed=2, whole_documents=True))
     assert torch.equal(a.input_ids, b.input_ids) and (b.targets != IGNORE).sum() < (a.targets != IGNORE).sum()
+    # and so do the validation batches: validation counts the targets training does
+    for flags in ({}, {"whole_documents": True}, {"all_tokens": True}):
+        for k, b in enumerate(eval_batches(corpus, T, 2, **flags)):  # batch k holds windows 2k, 2k+1
+            twin = make_batch(corpus, [T * w for w in range(2 * k, 2 * k + len(b.input_ids))], T, **flags)
+            assert torch.equal(b.targets, twin.targets)
+    counts = [sum(int((b.targets != IGNORE).sum()) for b in eval_batches(corpus, T, 2, whole_documents=w))
+              for w in (False, True)]
+    assert counts[1] < counts[0]

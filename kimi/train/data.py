@@ -287,16 +287,18 @@ class Loader:
         self.epoch, self.cursor, self._order = state["epoch"], state["cursor"], None
 
 
-def eval_batches(split: Split, seq_len: int, rows: int, max_tokens: int | None = None, rank: int = 0, world: int = 1):
+def eval_batches(split: Split, seq_len: int, rows: int, max_tokens: int | None = None, rank: int = 0, world: int = 1,
+                 all_tokens: bool = False, whole_documents: bool = False):
     """The validation split in order, as non-overlapping windows (first max_tokens tokens at most); rank r takes
-    every world-th batch."""
+    every world-th batch. all_tokens / whole_documents as in make_batch: validation counts the targets training
+    does (without whole_documents a row opening mid-conversation is scored on answers it cannot see the question of)."""
     n = (split.num_tokens - 1) // seq_len
     if max_tokens is not None:
         n = min(n, max(1, max_tokens // seq_len))
     starts = np.arange(n) * seq_len
     for i, a in enumerate(range(0, n, rows)):
         if i % world == rank:
-            yield make_batch(split, starts[a:a + rows], seq_len)
+            yield make_batch(split, starts[a:a + rows], seq_len, all_tokens, whole_documents)
 
 
 # ---- CLI ----------------------------------------------------------------------------------------------------

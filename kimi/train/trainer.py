@@ -164,11 +164,13 @@ def _all_sum(values: list[float], device) -> list[float]:
 
 @torch.no_grad()
 def evaluate(model, split: Split, args, device, rank: int, world: int) -> float:
-    """Mean validation cross-entropy (nats/token) over the first --val-tokens of the validation split."""
+    """Mean validation cross-entropy (nats/token) over the first --val-tokens of the validation split, counting the
+    targets training counts (--all-tokens, --whole-documents)."""
     model.eval()
     total, count = 0.0, 0
     rows = args.micro_batch or max(1, args.batch_tokens // args.seq_len // world)
-    for batch in eval_batches(split, args.seq_len, rows, args.val_tokens, rank, world):
+    for batch in eval_batches(split, args.seq_len, rows, args.val_tokens, rank, world, args.all_tokens,
+                              args.whole_documents):
         batch = batch.to(device)
         with autocast(args, device):
             total += token_loss(model, batch.input_ids, batch.doc_ids, batch.targets).item()
