@@ -46,7 +46,7 @@ def test_builtin_model_calls_tools_closed_loop():
 
 def test_no_tools_declared_means_a_text_reply():
     """Every training episode declares tools, so with none declared the model still opens a tool call (greedy, for
-    "hi": functions.unit_convert); the server (tool_choice "none", the default without tools) bans the tokens that
+    "hi": functions.convert); the server (tool_choice "none", the default without tools) bans the tokens that
     open one, and the reply is text."""
     import torch
 
