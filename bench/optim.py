@@ -75,13 +75,12 @@ def train_args(job: dict) -> Namespace:
     steps = job["tokens"] // job["batch_tokens"]
     args = parser.parse_args(["--data", job["data"], "--out", str(run_dir(job)), "--steps", str(steps),
                               "--batch-tokens", str(job["batch_tokens"]), "--seq-len", str(job["seq_len"])])
-    return Namespace(**{**vars(args), **dict(
-        model_config=job["config"], micro_batch=0, optimizer=job["optimizer"], lr=job["lr"], adamw_lr=None,
-        weight_decay=0.1, muon_scale="moonlight", qk_clip_tau=job["tau"], warmup=job["warmup"], schedule="cosine",
-        min_lr_ratio=0.1, decay_frac=0.2, grad_clip=1.0, autocast=job["autocast"],
-        val_every=max(1, steps // job["val_points"]), val_tokens=None, save_every=0, keep=1, stop_after=0,
-        init_from=None, resume=False, seed=job["seed"], device="cpu", threads=job["threads"], all_tokens=False,
-        no_progress=True)})
+    # the trainer's defaults hold the rest (weight decay 0.1, Moonlight scale, cosine to 0.1, grad clip 1.0, ...);
+    # TRAIN_KEYS records them with each result
+    vars(args).update(model_config=job["config"], optimizer=job["optimizer"], lr=job["lr"], qk_clip_tau=job["tau"],
+                      warmup=job["warmup"], autocast=job["autocast"], val_every=max(1, steps // job["val_points"]),
+                      keep=1, seed=job["seed"], device="cpu", threads=job["threads"], no_progress=True)
+    return args
 
 
 def summarize(job: dict, wall: float | None) -> dict:

@@ -169,8 +169,8 @@ def evaluate(model, split: Split, args, device, rank: int, world: int) -> float:
     model.eval()
     total, count = 0.0, 0
     rows = args.micro_batch or max(1, args.batch_tokens // args.seq_len // world)
-    for batch in eval_batches(split, args.seq_len, rows, args.val_tokens, rank, world, args.all_tokens,
-                              args.whole_documents):
+    for batch in eval_batches(split, args.seq_len, rows, args.val_tokens, rank, world, all_tokens=args.all_tokens,
+                              whole_documents=args.whole_documents):
         batch = batch.to(device)
         with autocast(args, device):
             total += token_loss(model, batch.input_ids, batch.doc_ids, batch.targets).item()
