@@ -8,7 +8,8 @@
      CPU has them, and in its fp32 form) vs ops/attention.py's torch path.
   3. fp32 models (CPUs without native bf16): y = x W^T for one fp32 row on the same shapes, kimi's gemv_fp32 reading
      a bf16 copy of a bf16-exact weight (kimi/ops/bf16_weights.py) vs torch's fp32 F.linear on the fp32 weight, as
-     time per product and the GB/s each reads; the same for 2-16 rows on two shapes; and MLA absorbed decode in fp32
+     time per product and the GB/s each reads; the same for 2-128 rows on two shapes
+     (bf16_weights.FEW_ROWS, where the copies stop, is read off these); and MLA absorbed decode in fp32
      over 100 to 32,768 tokens, kimi's mla_decode_fp32 (kv_b_proj's bf16 copy) vs ops/attention.py's torch path.
 Items 1-2 need the AVX-512 kernels, item 3 the AVX2 one; what the CPU cannot run is left out and said so.
 Correctness first, in the same run: gemv within one bf16 rounding (plus fp32 summation noise) of an fp32 product,
@@ -179,7 +180,8 @@ def main():
                       f"{g['F.linear_fp32']:5.1f} GB/s  ({r['speedup']:.2f}x)"
                       f"{'' if r['gemv_fp32_correct'] else '  WRONG'}")
             # a few rows (decode batches, a routed expert's tokens): up to bf16_weights.FEW_ROWS take the copies
-            res["fp32_linear_few_rows"] = [linear_row_fp32(s, rows) for s in SHAPES[:3:2] for rows in (2, 4, 8, 16)]
+            res["fp32_linear_few_rows"] = [linear_row_fp32(s, rows) for s in SHAPES[:3:2]
+                                           for rows in (2, 4, 8, 16, 32, 64, 128)]
             for r in res["fp32_linear_few_rows"]:
                 u = r["us"]
                 print(f"fp32 {r['shape'][0]:>6} x {r['shape'][1]:<5} {r['rows']:>2} rows: gemv_fp32 "

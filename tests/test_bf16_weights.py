@@ -24,7 +24,7 @@ pytestmark = pytest.mark.skipif(not cpu_kernels.fp32_available(),
 FAMILIES = {"k2": k2_tiny, "kimi_linear": kl_tiny}
 
 
-@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("rows", [1, 3, 13, 30])  # streamed row by row up to 12 rows; more go through the tiles
 @pytest.mark.parametrize("n,k", [(1, 1), (37, 5), (64, 16), (300, 100), (1001, 37), (257, 768)])
 def test_gemv_fp32_is_the_fp32_product(rows, n, k):
     g = torch.Generator().manual_seed(n * k + rows)
@@ -49,6 +49,14 @@ def test_gemv_fp32_is_the_same_on_any_number_of_threads_and_rejects_what_it_cann
     finally:
         torch.set_num_threads(threads)
     assert one.shape == (2, 3, 1024) and torch.equal(one, two)
+    x = torch.randn(40, 768, generator=g)  # the tiles: W split in blocks among the threads, the same sums
+    one = cpu_kernels.gemv_fp32(x, w)
+    try:
+        torch.set_num_threads(2)
+        two = cpu_kernels.gemv_fp32(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
     with pytest.raises(ValueError, match="fp32"):
         cpu_kernels.gemv_fp32(x.bfloat16(), w)
     with pytest.raises(ValueError, match="contiguous bf16"):
@@ -77,7 +85,8 @@ def test_copies_give_the_fp32_logits_and_greedy_tokens(family):
             assert type(m) is Bf16CopyLinear and m.weight.dtype == torch.float32
     assert plain.state_dict().keys() == copied.state_dict().keys()
     with torch.inference_mode():
-        for T in (1, 4, 9):  # up to FEW_ROWS rows go through the copies (one row: one C call per block); more: F.linear
+        # up to FEW_ROWS rows go through the copies (one row: one C call per block); more: F.linear
+        for T in (1, 4, 9, bf16_weights.FEW_ROWS, bf16_weights.FEW_ROWS + 1):
             ids = torch.randint(0, plain.config.vocab_size, (1, T), generator=torch.Generator().manual_seed(T))
             want, got = plain(ids), copied(ids)
             assert (got - want).abs().max() <= 1e-5 * want.abs().max()
@@ -136,10 +145,14 @@ def test_mla_decode_fp32_equals_the_torch_path(heads, rank, monkeypatch):
     mla.kv_b_proj = Bf16CopyLinear(mla.kv_b_proj)
     g = torch.Generator().manual_seed(heads)
     W = rank + mla.qk_rope_head_dim
-    cache = torch.randn(300, W, generator=g)
+    cache = torch.randn(3000, W, generator=g)
+    # contexts of one chunk, and of several (the kernel splits them every 512 rows and merges the chunks)
     for B, rows, mask in [(1, slice(7, 207), torch.ones(1, 200, dtype=torch.bool)),
                           (3, torch.randint(0, 300, (3, 50), generator=g), torch.arange(50)[None] < torch.tensor(
-                              [[50], [1], [29]]))]:
+                              [[50], [1], [29]])),
+                          (1, slice(100, 2900), torch.ones(1, 2800, dtype=torch.bool)),
+                          (3, torch.randint(0, 3000, (3, 1300), generator=g), torch.arange(1300)[None] < torch.tensor(
+                              [[1300], [512], [513]]))]:
         q_nope = torch.randn(B, 1, heads, mla.qk_nope_head_dim, generator=g)
         q_pe = torch.randn(B, 1, heads, mla.qk_rope_head_dim, generator=g)
         got = attention.paged_decode(mla, q_nope, q_pe, cache, rows, mask)
@@ -148,6 +161,32 @@ def test_mla_decode_fp32_equals_the_torch_path(heads, rank, monkeypatch):
             want = attention.paged_decode(mla, q_nope, q_pe, cache, rows, mask)
         assert got.shape == want.shape == (B, 1, heads, mla.v_head_dim)
         assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_mla_decode_fp32_splits_contexts_the_same_way_whatever_the_batch_and_threads():
+    """A long context is attended in fixed chunks: one sequence's output is bit for bit the same alone or in a
+    batch, with one thread or two (seeded sampling must not depend on who else is in the batch)."""
+    from kimi.model.mla import MLA
+
+    mla = MLA(k2_tiny(), 0)
+    mla.kv_b_proj.weight.data = mla.kv_b_proj.weight.data.bfloat16().float()
+    mla.kv_b_proj = Bf16CopyLinear(mla.kv_b_proj)
+    g = torch.Generator().manual_seed(0)
+    cache = torch.randn(4000, mla.kv_lora_rank + mla.qk_rope_head_dim, generator=g)
+    rows = torch.randperm(4000, generator=g)[:3 * 1200].view(3, 1200)
+    lengths = torch.tensor([1200, 700, 1100])
+    q_nope = torch.randn(3, 1, mla.num_heads, mla.qk_nope_head_dim, generator=g)
+    q_pe = torch.randn(3, 1, mla.num_heads, mla.qk_rope_head_dim, generator=g)
+    threads = torch.get_num_threads()
+    try:
+        batch = cpu_kernels.mla_decode_fp32(mla, q_nope, q_pe, cache, rows, lengths)
+        torch.set_num_threads(1)
+        for b in range(3):
+            alone = cpu_kernels.mla_decode_fp32(mla, q_nope[b:b + 1], q_pe[b:b + 1], cache, rows[b:b + 1],
+                                                lengths[b:b + 1])
+            assert torch.equal(alone, batch[b:b + 1])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_swiglu_fp32_equals_the_torch_expert():

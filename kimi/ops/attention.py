@@ -25,12 +25,6 @@ def c_kernel_max_context() -> int:
     return 8192 if cpu_kernels.bf16_dot() else 2048
 
 
-# Longest context the fp32 C kernel attends over (one core, an AVX2 EPYC, bench sizes, bench/decode_kernels.py): it
-# is 2.0-2.3x the torch path at 100-512 tokens and 1.4x at 2,048; from ~8k tokens on, torch's GEMMs over the
-# context tie or win (0.7-1.1x across runs on a noisy machine)
-FP32_KERNEL_MAX_CONTEXT = 4096
-
-
 def contiguous(table: list[int], num_tokens: int, block_size: int) -> slice | None:
     """The rows of a sequence's first num_tokens tokens as one slice, when its blocks are consecutive."""
     n = -(-num_tokens // block_size)
@@ -63,12 +57,13 @@ def paged_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Ten
     afterwards (slicing ctx first would make bmm copy the whole context). In bf16 on a CPU with kimi's C kernels the
     whole form is one call up to c_kernel_max_context() tokens (kimi/ops/cpu_kernels.py; no gather, no per-op
     overhead; this code is its twin); in fp32, where kv_b_proj has a bf16 copy (kimi/ops/bf16_weights.py), so is
-    its fp32 form up to FP32_KERNEL_MAX_CONTEXT."""
+    its fp32 form, at any context: it splits long ones into chunks attended in parallel (1.5-2.3x this path from 100
+    to 32,768 tokens on a 2-core AVX2 EPYC, one thread or two, bench/decode_kernels.py)."""
     if (cache.dtype == torch.bfloat16 and cache.device.type == "cpu" and cpu_kernels.available()
             and mask.shape[1] <= c_kernel_max_context()):
         return cpu_kernels.mla_decode(mla, q_nope, q_pe, cache, rows, mask.sum(1))
     if (cache.dtype == torch.float32 and cache.device.type == "cpu" and hasattr(mla.kv_b_proj, "plain")
-            and mask.shape[1] <= FP32_KERNEL_MAX_CONTEXT and cpu_kernels.fp32_available()):
+            and cpu_kernels.fp32_available()):
         return cpu_kernels.mla_decode_fp32(mla, q_nope, q_pe, cache, rows, mask.sum(1))
     if isinstance(rows, slice):
         ctx = cache[rows][None]  # [1, S, W], in place

@@ -1,4 +1,4 @@
-"""fp32 models that stream bf16 copies of their weights for single rows (CPUs without native bf16).
+"""fp32 models that read bf16 copies of their weights in decode: single rows and batches (CPUs without native bf16).
 
 On a CPU without bf16 arithmetic (AVX2 only: most laptops, AMD Zen 2-3) kimi computes in fp32 (kimi/ops/dtypes.py),
 and batch-1 decode is then a chain of fp32 matrix-vector products that stream 4 bytes per weight per token. When the
@@ -7,14 +7,15 @@ the same weight in half the bytes, and kimi's AVX2 gemv (kimi/ops/cpu_kernels_fp
 computes the fp32 product, summed in a different order. On an AVX2 EPYC one core ran 40 products of 2048 x 768 in
 10.5 ms this way vs torch's fp32 `F.linear` 25 ms (bench/decode_kernels.py).
 
-packed_linear.pack_for_cpu(model) swaps, in place, every fp32 `nn.Linear` and stack of routed experts whose
-weights are all bf16-representable (checked exactly) for a twin that sends single rows to that gemv and everything
-else to torch's fp32 product on the original weight, which it keeps: prefill GEMMs are compute-bound, where fp32
-oneDNN is fastest. The rest of a single token's step runs as a few C calls per layer too (torch's small ops cost
-~5-20 us each on such CPUs): a whole MoE block (Bf16CopyMoE: routing, the chosen experts, the shared experts), all of
-MLA's projections (packed_linear.OneRowMLA), its absorbed decode attention reading kv_b_proj's copy
-(cpu_kernels.mla_decode_fp32), a SwiGLU MLP (packed_linear.OneRowMLP), each RMSNorm. On the bench model that took
-batch-1 decode from ~15 to ~11 ms/token on an AVX2 EPYC. The copies cost half the fp32 weights' memory again.
+packed_linear.pack_for_cpu(model) swaps, in place, every fp32 `nn.Linear` and stack of routed experts whose weights
+are all bf16-representable (checked exactly) for a twin that sends up to FEW_ROWS rows (a decode batch, a routed
+expert's tokens) to that gemv and more to torch's fp32 product on the original weight, which it keeps: prefill GEMMs
+are compute-bound, where fp32 oneDNN is fastest. The rest of a single token's step runs as a few C calls per layer
+too (torch's small ops cost ~5-20 us each on such CPUs): a whole MoE block (Bf16CopyMoE: routing, the chosen
+experts, the shared experts), all of MLA's projections (packed_linear.OneRowMLA), its absorbed decode attention
+reading kv_b_proj's copy (cpu_kernels.mla_decode_fp32), a SwiGLU MLP (packed_linear.OneRowMLP), each RMSNorm. On the
+bench model that took batch-1 decode from ~15 to ~11 ms/token on an AVX2 EPYC. The copies cost half the fp32
+weights' memory again.
 Weights that are not bf16-representable (an fp32 checkpoint) stay as they are. The twins keep `.weight`, so the state
 dict is unchanged and a tied lm_head stays tied. Like packed_linear.py's bf16 packing, this makes the model
 inference-only: the copies do not follow later weight updates.
@@ -35,7 +36,10 @@ def bf16_exact(w: torch.Tensor) -> bool:
     return w.dtype == torch.float32 and torch.equal(w, w.bfloat16().float())
 
 
-FEW_ROWS = 8  # up to this many rows gemv_fp32 on a bf16 copy beats torch's fp32 GEMM (1.3-4x; ~0.85x at 16)
+# up to this many rows gemv_fp32 on the bf16 copies beats torch's fp32 GEMM: 1.0-2.4x at 12-32 rows with one thread
+# or two, ~1.0-1.5x at 64, mixed at 128 (bench/decode_kernels.py); a 64-sequence decode step of the bench model
+# took 17-24% less time than with 8
+FEW_ROWS = 64
 
 
 def _one_row(x: torch.Tensor) -> bool:

@@ -25,7 +25,8 @@ once per process and logged (logger "kimi").
 
 fp32 models, which is what CPUs without native bf16 compute, have their kernels in cpu_kernels_fp32.c (AVX2 + FMA,
 so they run without AVX-512 too; built and loaded the same way; `fp32_available()`). Their weights are read from
-bf16 copies of bf16-exact fp32 weights (kimi/ops/bf16_weights.py): `gemv_fp32`, `mla_decode_fp32`, `swiglu_fp32`,
+bf16 copies of bf16-exact fp32 weights (kimi/ops/bf16_weights.py): `gemv_fp32` (any number of rows: streamed
+row by row for a few, register tiles for a decode batch), `mla_decode_fp32`, `swiglu_fp32`,
 `mla_project_x_fp32` (all of MLA.project for one token, its products included) and `moe_one_fp32` (a whole MoE block
 for one token); `rms_norm`, `route_one`, `mla_project_one` and `kda_decode` take either dtype (`runs(dtype)` says
 where). All compute in fp32 and differ from the torch paths only in summation order (tests/test_bf16_weights.py).

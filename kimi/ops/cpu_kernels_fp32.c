@@ -8,10 +8,12 @@
 // one token's MoE routing, a whole MoE block for one token, and KDA decode of single tokens.
 //
 // gemv: y = x W^T. x [M, K] fp32, W [N, K] bf16 (row-major, one output feature per row), y [M, N] fp32.
-// Accumulated along K in 4 x 8 lanes, then reduced; rows of x in blocks of four share each widened weight (row4). W streams one row at a time, start to end (the one sequential
+// Up to GEMV_MAX_ROWS rows of x (bandwidth-bound): accumulated along K in 4 x 8 lanes, then reduced; rows of x in
+// blocks of four share each widened weight (row4). W streams one row at a time, start to end (the one sequential
 // stream the hardware prefetcher follows best), with a software prefetch 1 KB ahead (8-13% faster on an AVX2 EPYC,
 // where the plain loop reached ~11 GB/s of ~17 GB/s one core reads); a row, a few KB, is reused from L1 for all M
-// rows of x. A prefetch never faults, so running past the end of W is harmless.
+// rows of x. A prefetch never faults, so running past the end of W is harmless. More rows (a decode batch: compute-
+// bound) go through register tiles of 4 rows of x by 3 of W over cache blocks of both (gemm_block).
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -90,12 +92,76 @@ int kimi_fp32_kernels_supported(void) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
+// gemm tiles, for more rows than a few: TILE_R rows of x against TILE_C rows of W at once, TILE_R x TILE_C independent
+// accumulators along K. Per 8 weights of each W row: TILE_C widenings, TILE_R loads of x, TILE_R x TILE_C FMAs (12
+// FMAs to 7 loads), so the product is FMA-bound where row4 (8 FMAs to 10 loads) is load-bound. Each y element has one
+// 8-lane accumulator over K, reduced, then the K % 8 tail: the same order whichever tile and thread computes it.
+#define TILE_R 4
+#define TILE_C 3
+static inline __attribute__((always_inline)) void tile(const float *x, int64_t K, const uint16_t *w, int64_t N,
+                                                       int64_t n, float *y, const int R, const int C) {
+    const int64_t K8 = K & ~(int64_t)7;
+    __m256 a[TILE_R][TILE_C];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) a[r][c] = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K8; k += 8) {
+        __m256 wv[TILE_C];
+        for (int c = 0; c < C; c++) wv[c] = load_bf16(w + c * K + k);
+        for (int r = 0; r < R; r++) {
+            const __m256 xv = _mm256_loadu_ps(x + r * K + k);
+            for (int c = 0; c < C; c++) a[r][c] = _mm256_fmadd_ps(wv[c], xv, a[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            float s = reduce_add(a[r][c]);
+            for (int64_t k = K8; k < K; k++) s += from_bf16(w[c * K + k]) * x[r * K + k];
+            y[r * N + n + c] = s;
+        }
+}
+
+// y[:, n0:n1] for W rows n0 .. n1 - 1 (a block of ~96 KB, kept in L2), x in blocks of GEMM_MB rows (kept in L1): each
+// W tile is reused from L1 for the block's rows
+#define GEMM_MB 8
+static void gemm_block(const float *x, int64_t M, int64_t K, const uint16_t *W, int64_t N, int64_t n0, int64_t n1,
+                       float *y) {
+    for (int64_t m0 = 0; m0 < M; m0 += GEMM_MB) {
+        const int64_t m1 = m0 + GEMM_MB < M ? m0 + GEMM_MB : M;
+        for (int64_t n = n0; n < n1; n += TILE_C) {
+            const uint16_t *w = W + n * K;
+            int64_t m = m0;
+            if (n + TILE_C <= n1) {
+                for (; m + TILE_R <= m1; m += TILE_R) tile(x + m * K, K, w, N, n, y + m * N, TILE_R, TILE_C);
+                for (; m < m1; m++) tile(x + m * K, K, w, N, n, y + m * N, 1, TILE_C);
+            } else {  // the last one or two rows of W
+                for (; m < m1; m++)
+                    for (int64_t c = n; c < n1; c++) tile(x + m * K, K, W + c * K, N, c, y + m * N, 1, 1);
+            }
+        }
+    }
+}
+
+// up to this many rows of x, W streams row by row (row4 / row: bandwidth-bound, one sequential stream); more rows
+// go through the tiles (FMA-bound)
+#define GEMV_MAX_ROWS 12
+
 void kimi_gemv_f32_bf16w(const float *x, int64_t M, int64_t K, const uint16_t *W, int64_t N, float *y, int threads) {
+    int64_t nb = (96 * 1024 / (2 * K)) / TILE_C * TILE_C;  // W rows per block: ~96 KB of bf16, whole tiles
+    if (nb < TILE_C) nb = TILE_C;
+    const int64_t blocks = (N + nb - 1) / nb;
     if (threads > 1 && N >= 256) {
+        if (M <= GEMV_MAX_ROWS) {
 #pragma omp parallel for schedule(static) num_threads(threads)
+            for (int64_t n = 0; n < N; n++) row(x, M, K, W + n * K, N, n, y);
+        } else {
+#pragma omp parallel for schedule(static) num_threads(threads)
+            for (int64_t b = 0; b < blocks; b++)
+                gemm_block(x, M, K, W, N, b * nb, b * nb + nb < N ? b * nb + nb : N, y);
+        }
+    } else if (M <= GEMV_MAX_ROWS) {  // no OpenMP region at all: entering one costs microseconds even with one thread
         for (int64_t n = 0; n < N; n++) row(x, M, K, W + n * K, N, n, y);
-    } else {  // no OpenMP region at all: entering one costs microseconds even with one thread
-        for (int64_t n = 0; n < N; n++) row(x, M, K, W + n * K, N, n, y);
+    } else {
+        for (int64_t b = 0; b < blocks; b++) gemm_block(x, M, K, W, N, b * nb, b * nb + nb < N ? b * nb + nb : N, y);
     }
 }
 
@@ -149,27 +215,34 @@ static inline void dots_block(const float *q, int64_t W, const float *row, float
     }
 }
 
-// o[j, :r] += sum_s p[j * n + s] * rows[s][:r] for HB heads j, eight columns at a time in registers: each row's
-// eight columns are loaded once for all HB heads. Columns past the last multiple of 8 are left to the caller.
-static inline void weighted_rows_block(const float *p, int64_t n, const float *const *rowp, int64_t r, float *o) {
+// o[j * ostride :][:r] += sum_s p[j * n + s] * rows[s][:r] for HB heads j, eight columns at a time in registers:
+// each row's eight columns are loaded once for all HB heads. Columns past the last multiple of 8 are left to the
+// caller.
+static inline void weighted_rows_block(const float *p, int64_t n, const float *const *rowp, int64_t r, float *o,
+                                       int64_t ostride) {
     for (int64_t c = 0; c + 8 <= r; c += 8) {
         __m256 acc[HB];
-        for (int j = 0; j < HB; j++) acc[j] = _mm256_loadu_ps(o + j * r + c);
+        for (int j = 0; j < HB; j++) acc[j] = _mm256_loadu_ps(o + j * ostride + c);
         for (int64_t s = 0; s < n; s++) {
             const __m256 x = _mm256_loadu_ps(rowp[s] + c);
             for (int j = 0; j < HB; j++) acc[j] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + j * n + s), x, acc[j]);
         }
-        for (int j = 0; j < HB; j++) _mm256_storeu_ps(o + j * r + c, acc[j]);
+        for (int j = 0; j < HB; j++) _mm256_storeu_ps(o + j * ostride + c, acc[j]);
     }
 }
 
-static void softmax(float *x, int64_t n) {
-    float m = -INFINITY, sum = 0.0f;
+// x[i] = exp(x[i] - max x) for n > 0 scores; returns the max, and the sum of the exponentials in *sum
+static float exp_scores(float *x, int64_t n, float *sum) {
+    float m = -INFINITY, l = 0.0f;
     for (int64_t i = 0; i < n; i++) m = x[i] > m ? x[i] : m;
-    for (int64_t i = 0; i < n; i++) sum += (x[i] = expf(x[i] - m));
-    const float inv = 1.0f / sum;
-    for (int64_t i = 0; i < n; i++) x[i] *= inv;
+    for (int64_t i = 0; i < n; i++) l += (x[i] = expf(x[i] - m));
+    *sum = l;
+    return m;
 }
+
+// context rows per task of kimi_mla_decode_f32: a fixed split, so one sequence's result depends neither on the
+// thread count nor on the other sequences of the batch, and a long context is shared among threads
+#define CTX_CHUNK 512
 
 // MLA's absorbed decode (k2.md §2.3) for B single-token queries over a paged fp32 latent cache, one call per layer:
 //   q_lat = W_UK^T q_nope; score_s = scale * [q_lat, q_pe] . cache[row_s]; p = softmax(score);
@@ -178,54 +251,102 @@ static void softmax(float *x, int64_t n) {
 // rows, then W_UV rows); cache [R, W = r + rope] fp32; rows [B, S] cache rows of each context (or NULL: one
 // sequence at rows start..); lengths [B] (sequence b reads rows[b, :lengths[b]]); out [B, H, v] fp32. All fp32, as
 // ops/attention.py's torch path computes it, summed in another order. The context is read in place, never
-// gathered; each row is read twice (scores, then o_lat). Returns 0, or -1 when scratch memory ran out.
+// gathered. Each sequence's context is split into chunks of CTX_CHUNK rows, attended in parallel (flash-decoding):
+// a chunk's rows are read twice (scores, then the weighted sum of exp(score - chunk max)) while they are in cache,
+// and the chunks merge in order, rescaled to the sequence's max. Returns 0, or -1 when scratch memory ran out.
 int kimi_mla_decode_f32(const float *q_nope, const float *q_pe, const uint16_t *kv_b, const float *cache,
                         const int64_t *rows, int64_t start, const int64_t *lengths, int64_t B, int64_t S, int64_t H,
                         int64_t nope, int64_t rope, int64_t v, int64_t r, float scale, float *out, int threads) {
-    const int64_t W = r + rope;
-    int failed = 0;
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && B > 1) reduction(| : failed)
-    for (int64_t b = 0; b < B; b++) {
-        const int64_t n = lengths[b];
-        float *q = (float *)malloc((size_t)(H * W + H * n + H * r) * sizeof(float));
-        const float **rowp = (const float **)malloc((size_t)(n > 0 ? n : 1) * sizeof(*rowp));
-        if (!q || !rowp) {
-            free(q); free(rowp);
-            failed = 1;
-            continue;
-        }
-        float *score = q + H * W, *o = score + H * n;  // [H, W], [H, n], [H, r]
-        for (int64_t s = 0; s < n; s++) rowp[s] = cache + (rows ? rows[b * S + s] : start + s) * W;
-        const int64_t HB_END = H - H % HB, R8 = r & ~(int64_t)7;  // heads and columns the register blocks cover
+    const int64_t W = r + rope, P = r + 2;  // a chunk's partial per head: o [r], its max, its sum
+    const int64_t HB_END = H - H % HB, R8 = r & ~(int64_t)7;  // heads and columns the register blocks cover
+    int64_t *first = (int64_t *)malloc((size_t)(B + 1) * sizeof(int64_t));  // sequence b's chunks: first[b] ..
+    if (!first) return -1;
+    first[0] = 0;
+    for (int64_t b = 0; b < B; b++) first[b + 1] = first[b] + (lengths[b] + CTX_CHUNK - 1) / CTX_CHUNK;
+    const int64_t T = first[B];
+    int64_t *task_seq = (int64_t *)malloc((size_t)(T > 0 ? T : 1) * sizeof(int64_t));
+    float *q = (float *)malloc((size_t)(B * H * W + T * H * P) * sizeof(float));  // [B, H, W] queries, partials
+    if (!task_seq || !q) {
+        free(first); free(task_seq); free(q);
+        return -1;
+    }
+    float *part = q + B * H * W;  // [T, H, P]
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t t = first[b]; t < first[b + 1]; t++) task_seq[t] = b;
+
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B > 1)
+    for (int64_t b = 0; b < B; b++)  // the absorbed queries [q_lat | q_pe]
         for (int64_t h = 0; h < H; h++) {
-            float *qh = q + h * W;
+            float *qh = q + (b * H + h) * W;
             for (int64_t j = 0; j < r; j++) qh[j] = 0.0f;
             const float *qn = q_nope + (b * H + h) * nope;
             for (int64_t i = 0; i < nope; i++) axpy_bf16(qh, qn[i], kv_b + (h * (nope + v) + i) * r, r);
             for (int64_t j = 0; j < rope; j++) qh[r + j] = q_pe[(b * H + h) * rope + j];
         }
+
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && T > 1) reduction(| : failed)
+    for (int64_t t = 0; t < T; t++) {  // one chunk of one sequence
+        const int64_t b = task_seq[t], s0 = (t - first[b]) * CTX_CHUNK;
+        const int64_t n = lengths[b] - s0 < CTX_CHUNK ? lengths[b] - s0 : CTX_CHUNK;
+        float *score = (float *)malloc((size_t)(H * n) * sizeof(float));  // [H, n]
+        const float **rowp = (const float **)malloc((size_t)n * sizeof(*rowp));
+        if (!score || !rowp) {
+            free(score); free(rowp);
+            failed = 1;
+            continue;
+        }
+        for (int64_t s = 0; s < n; s++) rowp[s] = cache + (rows ? rows[b * S + s0 + s] : start + s0 + s) * W;
+        const float *qb = q + b * H * W;
         for (int64_t s = 0; s < n; s++) {
             float dots[HB];
             for (int64_t h = 0; h < HB_END; h += HB) {
-                dots_block(q + h * W, W, rowp[s], dots);
+                dots_block(qb + h * W, W, rowp[s], dots);
                 for (int j = 0; j < HB; j++) score[(h + j) * n + s] = dots[j] * scale;
             }
-            for (int64_t h = HB_END; h < H; h++) score[h * n + s] = dot_f32(q + h * W, rowp[s], W) * scale;
+            for (int64_t h = HB_END; h < H; h++) score[h * n + s] = dot_f32(qb + h * W, rowp[s], W) * scale;
         }
+        float *o = part + t * H * P;
         for (int64_t h = 0; h < H; h++) {
-            softmax(score + h * n, n);
-            for (int64_t j = 0; j < r; j++) o[h * r + j] = 0.0f;
+            o[h * P + r] = exp_scores(score + h * n, n, o + h * P + r + 1);
+            for (int64_t j = 0; j < r; j++) o[h * P + j] = 0.0f;
         }
-        for (int64_t h = 0; h < HB_END; h += HB) weighted_rows_block(score + h * n, n, rowp, r, o + h * r);
+        for (int64_t h = 0; h < HB_END; h += HB) weighted_rows_block(score + h * n, n, rowp, r, o + h * P, P);
         for (int64_t s = 0; s < n; s++)  // what the blocks leave: heads past HB_END, columns past R8
             for (int64_t h = 0; h < H; h++)
-                for (int64_t j = h < HB_END ? R8 : 0; j < r; j++) o[h * r + j] += score[h * n + s] * rowp[s][j];
-        for (int64_t h = 0; h < H; h++)
-            for (int64_t j = 0; j < v; j++)
-                out[(b * H + h) * v + j] = dot_bf16(o + h * r, kv_b + (h * (nope + v) + nope + j) * r, r);
-        free(q);
+                for (int64_t j = h < HB_END ? R8 : 0; j < r; j++) o[h * P + j] += score[h * n + s] * rowp[s][j];
+        free(score);
         free(rowp);
     }
+
+    if (!failed) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && B > 1)
+        for (int64_t b = 0; b < B; b++)  // merge the chunks in order, then out = W_UV o_lat
+            for (int64_t h = 0; h < H; h++) {
+                if (first[b + 1] == first[b]) {  // an empty context attends to nothing
+                    for (int64_t j = 0; j < v; j++) out[(b * H + h) * v + j] = 0.0f;
+                    continue;
+                }
+                float *o = part + (first[b] * H + h) * P;  // the first chunk's partial, which gathers the rest
+                float m = -INFINITY;
+                for (int64_t t = first[b]; t < first[b + 1]; t++) m = fmaxf(m, part[(t * H + h) * P + r]);
+                float l = 0.0f;
+                for (int64_t t = first[b]; t < first[b + 1]; t++) {
+                    const float *pt = part + (t * H + h) * P;
+                    const float c = expf(pt[r] - m);
+                    l += c * pt[r + 1];
+                    if (t == first[b]) for (int64_t j = 0; j < r; j++) o[j] *= c;
+                    else for (int64_t j = 0; j < r; j++) o[j] += c * pt[j];
+                }
+                const float inv = 1.0f / l;
+                for (int64_t j = 0; j < r; j++) o[j] *= inv;
+                for (int64_t j = 0; j < v; j++)
+                    out[(b * H + h) * v + j] = dot_bf16(o, kv_b + (h * (nope + v) + nope + j) * r, r);
+            }
+    }
+    free(first);
+    free(task_seq);
+    free(q);
     return failed ? -1 : 0;
 }
 
