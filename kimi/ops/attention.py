@@ -57,8 +57,8 @@ def paged_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Ten
     afterwards (slicing ctx first would make bmm copy the whole context). In bf16 on a CPU with kimi's C kernels the
     whole form is one call up to c_kernel_max_context() tokens (kimi/ops/cpu_kernels.py; no gather, no per-op
     overhead; this code is its twin); in fp32, where kv_b_proj has a bf16 copy (kimi/ops/bf16_weights.py), so is
-    its fp32 form, at any context: it splits long ones into chunks attended in parallel (1.5-2.3x this path from 100
-    to 32,768 tokens on a 2-core AVX2 EPYC, one thread or two, bench/decode_kernels.py)."""
+    its fp32 form, at any context: it splits long ones into chunks attended in parallel (1.2-2.6x this path from 100
+    to 32,768 tokens on a 2-core EPYC, one thread or two, bench/decode_kernels.py)."""
     if (cache.dtype == torch.bfloat16 and cache.device.type == "cpu" and cpu_kernels.available()
             and mask.shape[1] <= c_kernel_max_context()):
         return cpu_kernels.mla_decode(mla, q_nope, q_pe, cache, rows, mask.sum(1))

@@ -36,9 +36,10 @@ def bf16_exact(w: torch.Tensor) -> bool:
     return w.dtype == torch.float32 and torch.equal(w, w.bfloat16().float())
 
 
-# up to this many rows gemv_fp32 on the bf16 copies beats torch's fp32 GEMM: 1.0-2.4x at 12-32 rows with one thread
-# or two, ~1.0-1.5x at 64, mixed at 128 (bench/decode_kernels.py); a 64-sequence decode step of the bench model
-# took 17-24% less time than with 8
+# up to this many rows the products read the bf16 copies (gemv_fp32): against torch's fp32 GEMM on weights from
+# memory, 1.0-2.6x at 12-32 rows with one thread or two, 0.92-1.5x at 64, 0.82-1.6x at 128 (bench/decode_kernels.py);
+# in the engine, where the weights are cold and half the bytes count, a 64-sequence decode step of the bench model
+# took 17-24% less time than with the earlier cut at 8
 FEW_ROWS = 64
 
 
