@@ -39,24 +39,17 @@ def test_gemv_fp32_is_the_fp32_product(rows, n, k):
 
 def test_gemv_fp32_is_the_same_on_any_number_of_threads_and_rejects_what_it_cannot_compute():
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(2, 3, 768, generator=g)
     w = torch.randn(1024, 768, generator=g).bfloat16()
-    one = cpu_kernels.gemv_fp32(x, w)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        two = cpu_kernels.gemv_fp32(x, w)
-    finally:
-        torch.set_num_threads(threads)
-    assert one.shape == (2, 3, 1024) and torch.equal(one, two)
-    x = torch.randn(40, 768, generator=g)  # the tiles: W split in blocks among the threads, the same sums
-    one = cpu_kernels.gemv_fp32(x, w)
-    try:
-        torch.set_num_threads(2)
-        two = cpu_kernels.gemv_fp32(x, w)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(one, two)
+    # six rows stream W row by row; forty go through the tiles, W split in blocks among the threads: the same sums
+    for x in (torch.randn(2, 3, 768, generator=g), torch.randn(40, 768, generator=g)):
+        one = cpu_kernels.gemv_fp32(x, w)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(2)
+            two = cpu_kernels.gemv_fp32(x, w)
+        finally:
+            torch.set_num_threads(threads)
+        assert one.shape == (*x.shape[:-1], 1024) and torch.equal(one, two)
     with pytest.raises(ValueError, match="fp32"):
         cpu_kernels.gemv_fp32(x.bfloat16(), w)
     with pytest.raises(ValueError, match="contiguous bf16"):

@@ -145,23 +145,22 @@ static void gemm_block(const float *x, int64_t M, int64_t K, const uint16_t *W, 
 // go through the tiles (FMA-bound)
 #define GEMV_MAX_ROWS 12
 
+// one unit of kimi_gemv_f32_bf16w's work: W row i (up to GEMV_MAX_ROWS rows of x) or its block i of nb rows (more)
+static void gemv_unit(const float *x, int64_t M, int64_t K, const uint16_t *W, int64_t N, int64_t nb, int64_t i,
+                      float *y) {
+    if (M <= GEMV_MAX_ROWS) row(x, M, K, W + i * K, N, i, y);
+    else gemm_block(x, M, K, W, N, i * nb, i * nb + nb < N ? i * nb + nb : N, y);
+}
+
 void kimi_gemv_f32_bf16w(const float *x, int64_t M, int64_t K, const uint16_t *W, int64_t N, float *y, int threads) {
     int64_t nb = (96 * 1024 / (2 * K)) / TILE_C * TILE_C;  // W rows per block: ~96 KB of bf16, whole tiles
     if (nb < TILE_C) nb = TILE_C;
-    const int64_t blocks = (N + nb - 1) / nb;
+    const int64_t units = M <= GEMV_MAX_ROWS ? N : (N + nb - 1) / nb;
     if (threads > 1 && N >= 256) {
-        if (M <= GEMV_MAX_ROWS) {
 #pragma omp parallel for schedule(static) num_threads(threads)
-            for (int64_t n = 0; n < N; n++) row(x, M, K, W + n * K, N, n, y);
-        } else {
-#pragma omp parallel for schedule(static) num_threads(threads)
-            for (int64_t b = 0; b < blocks; b++)
-                gemm_block(x, M, K, W, N, b * nb, b * nb + nb < N ? b * nb + nb : N, y);
-        }
-    } else if (M <= GEMV_MAX_ROWS) {  // no OpenMP region at all: entering one costs microseconds even with one thread
-        for (int64_t n = 0; n < N; n++) row(x, M, K, W + n * K, N, n, y);
-    } else {
-        for (int64_t b = 0; b < blocks; b++) gemm_block(x, M, K, W, N, b * nb, b * nb + nb < N ? b * nb + nb : N, y);
+        for (int64_t i = 0; i < units; i++) gemv_unit(x, M, K, W, N, nb, i, y);
+    } else {  // no OpenMP region at all: entering one costs microseconds even with one thread
+        for (int64_t i = 0; i < units; i++) gemv_unit(x, M, K, W, N, nb, i, y);
     }
 }
 
