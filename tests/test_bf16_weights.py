@@ -18,6 +18,7 @@ from kimi.ops import bf16_weights, cpu_kernels
 from kimi.ops.bf16_weights import Bf16CopyExperts, Bf16CopyLinear, Bf16CopyMoE, has_copies
 from kimi.ops.packed_linear import OneRowMLA, OneRowMLP, OneRowRMSNorm, OneRowRouter, pack_for_cpu
 from tests.test_model import k2_tiny, kl_tiny
+from tests.threads import torch_threads
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.fp32_available(),
                                 reason="kimi's fp32 gemv needs AVX2 + FMA and a C compiler")
@@ -43,12 +44,8 @@ def test_gemv_fp32_is_the_same_on_any_number_of_threads_and_rejects_what_it_cann
     # six rows stream W row by row; forty go through the tiles, W split in blocks among the threads: the same sums
     for x in (torch.randn(2, 3, 768, generator=g), torch.randn(40, 768, generator=g)):
         one = cpu_kernels.gemv_fp32(x, w)
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(2)
+        with torch_threads(2):
             two = cpu_kernels.gemv_fp32(x, w)
-        finally:
-            torch.set_num_threads(threads)
         assert one.shape == (*x.shape[:-1], 1024) and torch.equal(one, two)
     with pytest.raises(ValueError, match="fp32"):
         cpu_kernels.gemv_fp32(x.bfloat16(), w)
@@ -170,16 +167,12 @@ def test_mla_decode_fp32_splits_contexts_the_same_way_whatever_the_batch_and_thr
     lengths = torch.tensor([1200, 700, 1100])
     q_nope = torch.randn(3, 1, mla.num_heads, mla.qk_nope_head_dim, generator=g)
     q_pe = torch.randn(3, 1, mla.num_heads, mla.qk_rope_head_dim, generator=g)
-    threads = torch.get_num_threads()
-    try:
-        batch = cpu_kernels.mla_decode_fp32(mla, q_nope, q_pe, cache, rows, lengths)
-        torch.set_num_threads(1)
+    batch = cpu_kernels.mla_decode_fp32(mla, q_nope, q_pe, cache, rows, lengths)
+    with torch_threads(1):
         for b in range(3):
             alone = cpu_kernels.mla_decode_fp32(mla, q_nope[b:b + 1], q_pe[b:b + 1], cache, rows[b:b + 1],
                                                 lengths[b:b + 1])
             assert torch.equal(alone, batch[b:b + 1])
-    finally:
-        torch.set_num_threads(threads)
 
 
 def test_swiglu_fp32_equals_the_torch_expert():

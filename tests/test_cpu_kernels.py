@@ -11,6 +11,7 @@ from kimi.model.model import build_model
 from kimi.ops import attention, cpu_kernels
 from kimi.ops.packed_linear import pack_for_cpu
 from tests.test_model import k2_tiny, kl_tiny
+from tests.threads import torch_threads
 
 pytestmark = pytest.mark.skipif(not cpu_kernels.available(), reason="kimi's C kernels need AVX-512 and a C compiler")
 
@@ -34,12 +35,8 @@ def test_gemv_is_the_same_on_any_number_of_threads_and_layouts():
     x = torch.randn(2, 3, 768, generator=g).bfloat16()
     w = torch.randn(1024, 768, generator=g).bfloat16()
     one = cpu_kernels.gemv(x, w)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
+    with torch_threads(2):
         two = cpu_kernels.gemv(x, w)
-    finally:
-        torch.set_num_threads(threads)
     assert one.shape == (2, 3, 1024) and torch.equal(one, two)
     strided = torch.randn(768, 2, generator=g).bfloat16()[:, 0]  # a non-contiguous row
     assert torch.equal(cpu_kernels.gemv(strided, w), cpu_kernels.gemv(strided.contiguous(), w))
