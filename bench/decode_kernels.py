@@ -5,7 +5,8 @@
      to fill 256 MiB, so the weights come from memory as in decode, not from cache);
   2. MLA absorbed decode attention for one sequence (bench/engine.py's K2-style layer: 8 heads, kv_lora 256, rope
      32) over contexts of 100 to 8,192 tokens: kimi's one-call kernel (with AVX512-BF16 pair dot products where the
-     CPU has them, and in its fp32 form) vs ops/attention.py's torch path.
+     CPU has them, and in its fp32 form) vs ops/attention.py's torch path; and the same for a decode batch of 64
+     sequences of 256-1,152 tokens in randomly placed 16-row blocks (bench/engine.py's concurrent item, one layer).
   3. fp32 models (CPUs without native bf16): y = x W^T for one fp32 row on the same shapes, kimi's gemv_fp32 reading
      a bf16 copy of a bf16-exact weight (kimi/ops/bf16_weights.py) vs torch's fp32 F.linear on the fp32 weight, as
      time per product and the GB/s each reads; the same for 2-128 rows on two shapes
@@ -101,6 +102,37 @@ def torch_attention(switch: str, mla: MLA, *inputs) -> torch.Tensor:
         setattr(cpu_kernels, switch, on)
 
 
+def batch_attention_row(mla: MLA, batch: int = 64, lengths=(256, 1152), block: int = 16) -> dict:
+    """One layer's decode attention for a batch, as the engine calls it: a paged cache of randomly placed blocks."""
+    g = torch.Generator().manual_seed(0)
+    lens = torch.randint(lengths[0], lengths[1] + 1, (batch,), generator=g).tolist()
+    blocks = [-(-n // block) for n in lens]
+    order = torch.randperm(sum(blocks), generator=g).tolist()
+    tables = [order[sum(blocks[:b]):sum(blocks[:b + 1])] for b in range(batch)]
+    cache = torch.randn(sum(blocks) * block, mla.kv_lora_rank + mla.qk_rope_head_dim, generator=g).bfloat16()
+    rows, mask = attention.context_rows(tables, lens, block, "cpu")
+    q_nope = torch.randn(batch, 1, mla.num_heads, mla.qk_nope_head_dim, generator=g).bfloat16()
+    q_pe = torch.randn(batch, 1, mla.num_heads, mla.qk_rope_head_dim, generator=g).bfloat16()
+    bf16_dot = cpu_kernels.bf16_dot
+
+    def kernel(pairs=True):
+        cpu_kernels.bf16_dot = bf16_dot if pairs else (lambda: False)
+        try:
+            return cpu_kernels.mla_decode(mla, q_nope, q_pe, cache, rows, mask.sum(1))
+        finally:
+            cpu_kernels.bf16_dot = bf16_dot
+
+    def torch_path():
+        return torch_attention("available", mla, q_nope, q_pe, cache, rows, mask)
+
+    want = torch_path().float()
+    ok = all(bool((kernel(p).float() - want).abs().max() <= 2 ** -7 * want.abs().max()) for p in (True, False))
+    t_kernel, t_fp32, t_torch = (best_of(lambda: [f() for _ in range(5)]) / 5
+                                 for f in (kernel, lambda: kernel(False), torch_path))
+    return {"batch": batch, "tokens": sum(lens), "ms": {"kernel": t_kernel * 1e3, "kernel_fp32": t_fp32 * 1e3,
+            "torch": t_torch * 1e3}, "bf16_dot": bf16_dot(), "correct": ok, "speedup": t_torch / t_kernel}
+
+
 def attention_row_fp32(mla: MLA, context: int) -> dict:
     cache, q_nope, q_pe, rows, mask = attention_inputs(mla, context, torch.float32)
 
@@ -171,6 +203,11 @@ def main():
                 print(f"MLA decode, context {r['context']:>5}: kernel {r['us']['kernel']:7.1f} us (fp32 form "
                       f"{r['us']['kernel_fp32']:7.1f})  torch {r['us']['torch']:7.1f} us  ({r['speedup']:.2f}x)"
                       f"{'' if r['correct'] else '  WRONG'}")
+            r = res["mla_decode_batch"] = batch_attention_row(mla)
+            print(f"MLA decode, batch of {r['batch']} ({r['tokens']} context tokens): kernel {r['ms']['kernel']:6.2f} "
+                  f"ms (fp32 form {r['ms']['kernel_fp32']:6.2f})  torch {r['ms']['torch']:6.2f} ms  "
+                  f"({r['speedup']:.2f}x)"
+                  f"{'' if r['correct'] else '  WRONG'}")
         if cpu_kernels.fp32_available():
             res["fp32_linear_one_row"] = [linear_row_fp32(s) for s in SHAPES]
             for r in res["fp32_linear_one_row"]:

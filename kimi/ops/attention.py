@@ -19,10 +19,11 @@ from kimi.ops import cpu_kernels
 
 
 def c_kernel_max_context() -> int:
-    """Longest context the C kernel attends over (one core, bench sizes, bench/decode_kernels.py). With AVX512-BF16
-    it beats the torch path 4x at 100 tokens and ~1.2x at 8,192, and ties at 16k; without, its fp32 multiply-adds
-    lose from ~3k tokens on. Longer contexts keep torch's GEMMs over the gathered context."""
-    return 8192 if cpu_kernels.bf16_dot() else 2048
+    """Longest context the C kernel attends over (one sequence is one thread; bench/decode_kernels.py, bench sizes,
+    torch on two threads). With AVX512-BF16 it beats the torch path 1.5x from 2k to 16k tokens, 1.3x at 32k and 1.1x
+    at 64k; without, its fp32 multiply-adds lose from ~3k tokens on. Longer contexts keep torch's GEMMs over the
+    gathered context."""
+    return 32768 if cpu_kernels.bf16_dot() else 2048
 
 
 def contiguous(table: list[int], num_tokens: int, block_size: int) -> slice | None:

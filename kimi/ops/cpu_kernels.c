@@ -196,92 +196,19 @@ static inline void weighted_rows_block(const float *p, int64_t n, const uint16_t
     }
 }
 
-// The same two blocks with AVX512-BF16's pair dot products (vdpbf16ps: acc += a[2i] b[2i] + a[2i+1] b[2i+1], exact
-// products, fp32 sums), where the CPU has them: the query and the probabilities are already rounded to bf16, so
-// they multiply the bf16 cache rows as they are, with no conversion and half the multiply-adds.
-#define BF16_DOT __attribute__((target("avx512f,avx512bw,avx512bf16")))
-
-int kimi_cpu_has_bf16_dot(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
-}
-
-static inline __mmask32 tail_mask32(int64_t n) { return (__mmask32)((1ull << (n & 31)) - 1u); }
-
-// dots_block over bf16 queries q16 [HB, W]
-BF16_DOT static inline void dots_block_bf16(const uint16_t *q16, int64_t W, const uint16_t *row, float *out) {
-    __m512 acc[HB];
-    for (int j = 0; j < HB; j++) acc[j] = _mm512_setzero_ps();
-    int64_t i = 0;
-    for (; i + 32 <= W; i += 32) {
-        const __m512bh x = (__m512bh)_mm512_loadu_si512(row + i);
-        for (int j = 0; j < HB; j++)
-            acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(q16 + j * W + i), x);
-    }
-    if (i < W) {
-        const __mmask32 t = tail_mask32(W - i);
-        const __m512bh x = (__m512bh)_mm512_maskz_loadu_epi16(t, row + i);
-        for (int j = 0; j < HB; j++)
-            acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_maskz_loadu_epi16(t, q16 + j * W + i), x);
-    }
-    for (int j = 0; j < HB; j++) out[j] = _mm512_reduce_add_ps(acc[j]);
-}
-
-// weighted_rows_block over probability pairs p2 [HB, ceil(n / 2)] (bf16 (p_s, p_s+1) packed in 32 bits), two rows per
-// step: the rows' 16-bit values interleaved into (row_s[c], row_s+1[c]) pairs meet each head's pair. Rows go by in
-// tiles small enough to stay in L1 while every 32-column block reads them (a long context read whole once per
-// block came from L3, r / 32 times over). unpacklo/hi interleave within 128-bit lanes, so the accumulators hold
-// each block's columns in the order PERM, undone once at the end; acc [HB, r] fp32 is the scratch they live in.
-BF16_DOT static inline void weighted_rows_block_bf16(const uint32_t *p2, int64_t n, const uint16_t *const *rowp,
-                                                     int64_t r, float *acc, float *o) {
-    static const int PERM[32] = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27,
-                                 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
-    const int64_t R32 = r - r % 32, n2 = (n + 1) / 2, TILE = 32;
-    for (int64_t i = 0; i < HB * r; i++) acc[i] = 0.0f;
-    for (int64_t t0 = 0; t0 < n; t0 += TILE) {
-        const int64_t t1 = t0 + TILE < n ? t0 + TILE : n;
-        for (int64_t c = 0; c < R32; c += 32) {
-            __m512 lo[HB], hi[HB];
-            for (int j = 0; j < HB; j++) {
-                lo[j] = _mm512_loadu_ps(acc + j * r + c);
-                hi[j] = _mm512_loadu_ps(acc + j * r + c + 16);
-            }
-            for (int64_t s = t0; s < t1; s += 2) {
-                const __m512i r0 = _mm512_loadu_si512(rowp[s] + c);
-                const __m512i r1 = s + 1 < n ? _mm512_loadu_si512(rowp[s + 1] + c) : _mm512_setzero_si512();
-                const __m512bh xl = (__m512bh)_mm512_unpacklo_epi16(r0, r1);
-                const __m512bh xh = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
-                for (int j = 0; j < HB; j++) {
-                    const __m512bh pj = (__m512bh)_mm512_set1_epi32((int)p2[j * n2 + s / 2]);
-                    lo[j] = _mm512_dpbf16_ps(lo[j], pj, xl);
-                    hi[j] = _mm512_dpbf16_ps(hi[j], pj, xh);
-                }
-            }
-            for (int j = 0; j < HB; j++) {
-                _mm512_storeu_ps(acc + j * r + c, lo[j]);
-                _mm512_storeu_ps(acc + j * r + c + 16, hi[j]);
-            }
-        }
-    }
-    for (int j = 0; j < HB; j++)
-        for (int64_t c = 0; c < R32; c += 32)
-            for (int i = 0; i < 32; i++) o[j * r + c + PERM[i]] = acc[j * r + c + i];
-}
-
 // MLA's absorbed decode (k2.md §2.3) for B single-token queries over a paged latent cache, one call per layer:
 //   q_lat = W_UK^T q_nope; score_s = scale * [q_lat, q_pe] . cache[row_s]; p = softmax(score);
 //   o_lat = sum_s p_s cache[row_s][:r]; out = W_UV o_lat.
 // q_nope [B, H, nope], q_pe [B, H, rope]; kv_b [H, nope + v, r] (kv_b_proj.weight as it is: W_UK rows, then W_UV
 // rows); cache [R, W = r + rope]; rows [B, S] cache rows of each context (or NULL: one sequence at rows start..);
-// lengths [B] (sequence b reads rows[b, :lengths[b]]); bf16: use the AVX512-BF16 blocks (the caller checked
-// kimi_cpu_has_bf16_dot); out [B, H, v]. q_lat, the scores, p and o_lat are rounded to
+// lengths [B] (sequence b reads rows[b, :lengths[b]]); out [B, H, v]. q_lat, the scores, p and o_lat are rounded to
 // bf16 where torch's bf16 products round them (ops/attention.py's torch path), so the two differ only in the order
 // of their fp32 sums. The context is read in place, never gathered; each row is read twice (scores, then o_lat).
+// This is the fp32 multiply-add form, for CPUs without AVX512-BF16; kimi_mla_decode_pairs below is the one with.
 // Returns 0, or -1 when scratch memory could not be allocated.
 int kimi_mla_decode_bf16(const uint16_t *q_nope, const uint16_t *q_pe, const uint16_t *kv_b, const uint16_t *cache,
                          const int64_t *rows, int64_t start, const int64_t *lengths, int64_t B, int64_t S, int64_t H,
-                         int64_t nope, int64_t rope, int64_t v, int64_t r, float scale, int bf16, uint16_t *out,
-                         int threads) {
+                         int64_t nope, int64_t rope, int64_t v, int64_t r, float scale, uint16_t *out, int threads) {
     const int64_t W = r + rope;
     int failed = 0;
 #pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && B > 1) reduction(| : failed)
@@ -289,17 +216,9 @@ int kimi_mla_decode_bf16(const uint16_t *q_nope, const uint16_t *q_pe, const uin
         const int64_t n = lengths[b];
         float *q = (float *)malloc((size_t)(H * W + H * n + H * r) * sizeof(float));
         const uint16_t **rowp = (const uint16_t **)malloc((size_t)(n > 0 ? n : 1) * sizeof(*rowp));
-        // bf16 queries [H, W], probability pairs [H, ceil(n / 2)] and the pair products' scratch [HB, r]
-        uint16_t *q16 = NULL;
-        uint32_t *p2 = NULL;
-        float *pacc = NULL;
-        if (bf16) {
-            q16 = (uint16_t *)malloc((size_t)(H * W) * sizeof(uint16_t));
-            p2 = (uint32_t *)malloc((size_t)(H * ((n + 1) / 2) + 1) * sizeof(uint32_t));
-            pacc = (float *)malloc((size_t)(HB * r) * sizeof(float));
-        }
-        if (!q || !rowp || (bf16 && (!q16 || !p2 || !pacc))) {
-            free(q); free(rowp); free(q16); free(p2); free(pacc);
+        if (!q || !rowp) {
+            free(q);
+            free(rowp);
             failed = 1;
             continue;
         }
@@ -314,15 +233,10 @@ int kimi_mla_decode_bf16(const uint16_t *q_nope, const uint16_t *q_pe, const uin
             for (int64_t j = 0; j < r; j++) qh[j] = round_bf16(qh[j]);
             for (int64_t j = 0; j < rope; j++) qh[r + j] = from_bf16(q_pe[(b * H + h) * rope + j]);
         }
-        if (bf16)
-            for (int64_t i = 0; i < H * W; i++) q16[i] = to_bf16(q[i]);  // exact: already bf16 values
         for (int64_t s = 0; s < n; s++) {
             float dots[HB];
             for (int64_t h = 0; h < HB_END; h += HB) {
-                if (bf16)
-                    dots_block_bf16(q16 + h * W, W, rowp[s], dots);
-                else
-                    dots_block(q + h * W, W, rowp[s], dots);
+                dots_block(q + h * W, W, rowp[s], dots);
                 for (int j = 0; j < HB; j++) score[(h + j) * n + s] = round_bf16(dots[j]) * scale;
             }
             for (int64_t h = HB_END; h < H; h++)
@@ -333,18 +247,7 @@ int kimi_mla_decode_bf16(const uint16_t *q_nope, const uint16_t *q_pe, const uin
             for (int64_t s = 0; s < n; s++) score[h * n + s] = round_bf16(score[h * n + s]);
             for (int64_t j = 0; j < r; j++) o[h * r + j] = 0.0f;
         }
-        if (bf16) {
-            const int64_t n2 = (n + 1) / 2;
-            for (int64_t h = 0; h < H; h++)
-                for (int64_t i = 0; i < n2; i++) {
-                    const float *p = score + h * n + 2 * i;
-                    p2[h * n2 + i] = (uint32_t)to_bf16(p[0]) | (2 * i + 1 < n ? (uint32_t)to_bf16(p[1]) << 16 : 0u);
-                }
-            for (int64_t h = 0; h < HB_END; h += HB)
-                weighted_rows_block_bf16(p2 + h * n2, n, rowp, r, pacc, o + h * r);
-        } else {
-            for (int64_t h = 0; h < HB_END; h += HB) weighted_rows_block(score + h * n, n, rowp, r, o + h * r);
-        }
+        for (int64_t h = 0; h < HB_END; h += HB) weighted_rows_block(score + h * n, n, rowp, r, o + h * r);
         for (int64_t s = 0; s < n; s++) {  // what the blocks leave: heads past HB_END, columns past R32
             for (int64_t h = 0; h < H; h++) {
                 if (h < HB_END) {
@@ -362,9 +265,232 @@ int kimi_mla_decode_bf16(const uint16_t *q_nope, const uint16_t *q_pe, const uin
         }
         free(q);
         free(rowp);
-        free(q16);
-        free(p2);
-        free(pacc);
+    }
+    return failed ? -1 : 0;
+}
+
+// ---- MLA's absorbed decode with AVX512-BF16 pair dot products -----------------------------------------------------
+// vdpbf16ps: acc += a[2i] b[2i] + a[2i+1] b[2i+1], exact products, fp32 sums. Every product of the form runs on pairs:
+// the operands that torch's bf16 path rounds to bf16 (q_lat, p, o_lat) are rounded here at the same points, so they
+// multiply bf16 weights and cache rows as they are. Heads go in blocks of 8 (heads past H are zero queries, computed
+// and dropped). A block's scores live as [rows][8 heads]: two context rows' 16 scores fill one register, so the
+// rounding and the softmax run 16 lanes wide, and a head's probability pair (p_s, p_s+1) is one 32-bit value for the
+// weighted sum. The context is read from memory once, by the scores, with software prefetch: a paged block is a few
+// KB, too short for the hardware prefetcher to lock on. kv_b_proj's two halves come as pairs along the summed
+// dimension (built once per weight by cpu_kernels.py): wk2 [H, ceil(nope / 2), r] holds (W_UK[2i][j], W_UK[2i+1][j])
+// and wv2 [H, ceil(r / 2), v] holds (W_UV[j][2c], W_UV[j][2c+1]), zero-padded past an odd end.
+#define BF16_DOT __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+#define PREFETCH_ROWS 8  // rows ahead; at the bench's batch of 64 over random blocks, 4-16 all gave ~25%
+
+int kimi_cpu_has_bf16_dot(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") ? 1 : 0;
+}
+
+static inline __mmask32 tail_mask32(int64_t n) { return (__mmask32)((1ull << (n & 31)) - 1u); }
+
+// 16 fp32 values rounded to bf16 and back (as torch's bf16 results are)
+BF16_DOT static inline __m512 round_bf16_ps(__m512 x) {
+    const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// lane k of the result = the sum of a[k]'s 16 lanes, by a transposing tree: 45 shuffles and adds for the 16 sums,
+// where 16 separate reductions take ~130
+BF16_DOT static inline __m512 sums16(const __m512 a[16]) {
+    __m512 b[8], c[4], d[2];
+    for (int k = 0; k < 8; k++)  // per 128-bit block: [x0+x2, y0+y2, x1+x3, y1+y3], x = a[2k], y = a[2k+1]
+        b[k] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * k], a[2 * k + 1]), _mm512_unpackhi_ps(a[2 * k], a[2 * k + 1]));
+    for (int k = 0; k < 4; k++) {  // per block: the block's sums of a[4k], a[4k+1], a[4k+2], a[4k+3]
+        const __m512d x = _mm512_castps_pd(b[2 * k]), y = _mm512_castps_pd(b[2 * k + 1]);
+        c[k] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int k = 0; k < 2; k++)  // blocks: c[2k]'s (q0 + q1), (q2 + q3), then c[2k+1]'s
+        d[k] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], _MM_SHUFFLE(2, 0, 2, 0)),
+                             _mm512_shuffle_f32x4(c[2 * k], c[2 * k + 1], _MM_SHUFFLE(3, 1, 3, 1)));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
+}
+
+// y [n] = bf16(x W): x [k] bf16 taken two values at a time (zero past k), w2 [ceil(k / 2), n] weight pairs; the
+// columns go 128 at a time, 8 accumulators
+BF16_DOT static void pair_gemv(const uint16_t *x, int64_t k, const uint32_t *w2, int64_t n, uint16_t *y) {
+    for (int64_t j = 0; j < n; j += 128) {
+        const int64_t nz = (n - j < 128 ? n - j + 15 : 128 + 15) / 16;
+        __mmask16 m[8];
+        __m512 acc[8];
+        for (int t = 0; t < nz; t++) {
+            m[t] = j + 16 * t + 16 <= n ? (__mmask16)0xffff : tail_mask(n);
+            acc[t] = _mm512_setzero_ps();
+        }
+        for (int64_t i = 0; i < k; i += 2) {
+            const uint32_t pair = x[i] | (i + 1 < k ? (uint32_t)x[i + 1] << 16 : 0u);
+            const __m512bh p = (__m512bh)_mm512_set1_epi32((int)pair);
+            const uint32_t *w = w2 + (i / 2) * n + j;
+            for (int t = 0; t < nz; t++)
+                acc[t] = _mm512_dpbf16_ps(acc[t], p, (__m512bh)_mm512_maskz_loadu_epi32(m[t], w + 16 * t));
+        }
+        for (int t = 0; t < nz; t++)
+            _mm256_mask_storeu_epi16(y + j + 16 * t, m[t], (__m256i)_mm512_cvtneps_pbh(acc[t]));
+    }
+}
+
+// o [8, r] = sum_s p[h, s] * row_s[:r] for a block of 8 heads: p2 [ceil(n / 2), 8] probability pairs, rowp [n rounded
+// up to even] (a pad row has p = 0). Two rows per step: their 16-bit values interleaved into (row_s[c], row_s+1[c])
+// pairs meet each head's pair. Rows go by in tiles small enough to stay in L1 while every 32-column block reads them.
+// unpacklo/hi interleave within 128-bit lanes, so the accumulators hold each block's columns in the order PERM,
+// undone at the end; acc [8, r] fp32 is their scratch. Columns past the last multiple of 32 go one by one.
+BF16_DOT static void weighted_rows_pairs(const uint32_t *p2, int64_t n, const uint16_t *const *rowp, int64_t r,
+                                         float *acc, float *o) {
+    static const int PERM[32] = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27,
+                                 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+    const int64_t R32 = r - r % 32, n_even = n + n % 2, TILE = 32;
+    for (int64_t i = 0; i < 8 * r; i++) acc[i] = 0.0f;
+    for (int64_t t0 = 0; t0 < n_even; t0 += TILE) {
+        const int64_t t1 = t0 + TILE < n_even ? t0 + TILE : n_even;
+        for (int64_t c = 0; c < R32; c += 32) {
+            __m512 lo[8], hi[8];
+            for (int j = 0; j < 8; j++) {
+                lo[j] = _mm512_loadu_ps(acc + j * r + c);
+                hi[j] = _mm512_loadu_ps(acc + j * r + c + 16);
+            }
+            for (int64_t s = t0; s < t1; s += 2) {
+                const __m512i r0 = _mm512_loadu_si512(rowp[s] + c), r1 = _mm512_loadu_si512(rowp[s + 1] + c);
+                const __m512bh xl = (__m512bh)_mm512_unpacklo_epi16(r0, r1);
+                const __m512bh xh = (__m512bh)_mm512_unpackhi_epi16(r0, r1);
+                for (int j = 0; j < 8; j++) {
+                    const __m512bh pj = (__m512bh)_mm512_set1_epi32((int)p2[s / 2 * 8 + j]);
+                    lo[j] = _mm512_dpbf16_ps(lo[j], pj, xl);
+                    hi[j] = _mm512_dpbf16_ps(hi[j], pj, xh);
+                }
+            }
+            for (int j = 0; j < 8; j++) {
+                _mm512_storeu_ps(acc + j * r + c, lo[j]);
+                _mm512_storeu_ps(acc + j * r + c + 16, hi[j]);
+            }
+        }
+    }
+    for (int j = 0; j < 8; j++) {
+        for (int64_t c = 0; c < R32; c += 32)
+            for (int i = 0; i < 32; i++) o[j * r + c + PERM[i]] = acc[j * r + c + i];
+        for (int64_t c = R32; c < r; c++) {
+            float sum = 0.0f;
+            for (int64_t s = 0; s < n; s++) {
+                const uint16_t p = (uint16_t)(p2[s / 2 * 8 + j] >> (16 * (s % 2)));
+                sum += from_bf16(p) * from_bf16(rowp[s][c]);
+            }
+            o[j * r + c] = sum;
+        }
+    }
+}
+
+// softmax of a block's scores x [n_even / 2, 16] (rows s, s+1 x 8 heads per register; a pad row holds -inf) over the
+// rows of each head, fp32, then rounded to bf16 pairs p2 [n_even / 2, 8]: (p[s, h], p[s+1, h]) per head
+BF16_DOT static void softmax_pairs(float *x, int64_t n2, uint32_t *p2) {
+    const __m512i SWAP = _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8);  // row s <-> s+1
+    const __m256i PAIRS = _mm256_set_epi16(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
+    __m512 m = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+    for (int64_t k = 0; k < n2; k++) m = _mm512_max_ps(m, _mm512_loadu_ps(x + 16 * k));
+    m = _mm512_max_ps(m, _mm512_permutexvar_ps(SWAP, m));  // each head's max, in both halves
+    for (int64_t k = 0; k < n2; k++) {
+        const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(x + 16 * k), m));
+        _mm512_storeu_ps(x + 16 * k, e);
+        sum = _mm512_add_ps(sum, e);
+    }
+    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(sum, _mm512_permutexvar_ps(SWAP, sum)));
+    for (int64_t k = 0; k < n2; k++) {
+        const __m256i p = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * k), inv));
+        _mm256_storeu_si256((__m256i *)(p2 + 8 * k), _mm256_permutexvar_epi16(PAIRS, p));
+    }
+}
+
+// one sequence: rowp [n rounded up to even] its context rows (a pad row repeats the last), q_nope [H, nope], q_pe
+// [H, rope] -> out [H, v]. Scratch: q16 [HP, W] bf16, sc [HP / 8, n_even, 8] fp32, p2 [HP / 8, n_even / 2, 8], acc and
+// o [8, r] fp32, o16 [8, r] bf16 (HP = H rounded up to 8).
+BF16_DOT static void decode_pairs_one(const uint16_t *q_nope, const uint16_t *q_pe, const uint32_t *wk2,
+                                      const uint32_t *wv2, const uint16_t *const *rowp, int64_t n, int64_t H,
+                                      int64_t nope, int64_t rope, int64_t v, int64_t r, float scale, uint16_t *q16,
+                                      float *sc, uint32_t *p2, float *acc, float *o, uint16_t *o16, uint16_t *out) {
+    const int64_t W = r + rope, HP = (H + 7) / 8 * 8, n2 = (n + 1) / 2, nope2 = (nope + 1) / 2, r2 = (r + 1) / 2;
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int64_t h = 0; h < HP; h++) {  // q = [bf16(W_UK^T q_nope), q_pe]
+        uint16_t *qh = q16 + h * W;
+        if (h >= H) {
+            for (int64_t j = 0; j < W; j++) qh[j] = 0;
+            continue;
+        }
+        pair_gemv(q_nope + h * nope, nope, wk2 + h * nope2 * r, r, qh);
+        for (int64_t j = 0; j < rope; j++) qh[r + j] = q_pe[h * rope + j];
+    }
+    for (int64_t s = 0; s < 2 * n2; s += 2) {  // scores: two rows x 8 heads per step, bf16(q . row) * scale
+        if (s + PREFETCH_ROWS + 1 < n)
+            for (int64_t l = 0; l < 2 * W; l += 64) {
+                _mm_prefetch((const char *)rowp[s + PREFETCH_ROWS] + l, _MM_HINT_T0);
+                _mm_prefetch((const char *)rowp[s + PREFETCH_ROWS + 1] + l, _MM_HINT_T0);
+            }
+        const uint16_t *x0 = rowp[s], *x1 = rowp[s + 1];
+        for (int64_t hb = 0; hb < HP; hb += 8) {
+            const uint16_t *q = q16 + hb * W;
+            __m512 a[16];
+            for (int j = 0; j < 16; j++) a[j] = _mm512_setzero_ps();
+            for (int64_t i = 0; i < W; i += 32) {
+                const __mmask32 t = i + 32 <= W ? (__mmask32)0xffffffffu : tail_mask32(W);
+                const __m512bh y0 = (__m512bh)_mm512_maskz_loadu_epi16(t, x0 + i);
+                const __m512bh y1 = (__m512bh)_mm512_maskz_loadu_epi16(t, x1 + i);
+                for (int j = 0; j < 8; j++) {
+                    const __m512bh qj = (__m512bh)_mm512_maskz_loadu_epi16(t, q + j * W + i);
+                    a[j] = _mm512_dpbf16_ps(a[j], qj, y0);
+                    a[8 + j] = _mm512_dpbf16_ps(a[8 + j], qj, y1);
+                }
+            }
+            _mm512_storeu_ps(sc + (hb / 8 * n2 + s / 2) * 16, _mm512_mul_ps(round_bf16_ps(sums16(a)), sv));
+        }
+    }
+    for (int64_t hb = 0; hb < HP; hb += 8) {
+        float *x = sc + hb / 8 * n2 * 16;
+        if (n % 2)
+            for (int j = 0; j < 8; j++) x[(n2 - 1) * 16 + 8 + j] = -INFINITY;  // the pad row
+        softmax_pairs(x, n2, p2 + hb * n2);
+        weighted_rows_pairs(p2 + hb * n2, n, rowp, r, acc, o);
+        for (int64_t j = 0; j < 8 && hb + j < H; j++) {  // out = W_UV bf16(o_lat)
+            for (int64_t c = 0; c < r; c += 16) {
+                const __mmask16 m = c + 16 <= r ? (__mmask16)0xffff : tail_mask(r);
+                const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, o + j * r + c));
+                _mm256_mask_storeu_epi16(o16 + j * r + c, m, (__m256i)h);
+            }
+            pair_gemv(o16 + j * r, r, wv2 + (hb + j) * r2 * v, v, out + (hb + j) * v);
+        }
+    }
+}
+
+// MLA's absorbed decode for B single-token queries over a paged latent cache, one call per layer, with the pair
+// products above: the arguments of kimi_mla_decode_bf16 below, with wk2 and wv2 in place of kv_b.
+// Returns 0, or -1 when scratch memory could not be allocated.
+int kimi_mla_decode_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const uint32_t *wk2, const uint32_t *wv2,
+                          const uint16_t *cache, const int64_t *rows, int64_t start, const int64_t *lengths,
+                          int64_t B, int64_t S, int64_t H, int64_t nope, int64_t rope, int64_t v, int64_t r,
+                          float scale, uint16_t *out, int threads) {
+    const int64_t W = r + rope, HP = (H + 7) / 8 * 8;
+    int failed = 0;
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && B > 1) reduction(| : failed)
+    for (int64_t b = 0; b < B; b++) {
+        const int64_t n = lengths[b], n2 = (n + 1) / 2;
+        // one allocation: rowp [2 n2 + 1] | sc [HP / 8, n2, 16] | acc, o [8, r] | p2 [HP / 8, n2, 8] | q16 | o16
+        char *mem = (char *)malloc((size_t)(2 * n2 + 1) * sizeof(void *) + (size_t)(HP * n2 * 2 + 16 * r) * 4 +
+                                   (size_t)HP * n2 * 4 + (size_t)(HP * W + 8 * r) * 2);
+        if (!mem) {
+            failed = 1;
+            continue;
+        }
+        const uint16_t **rowp = (const uint16_t **)mem;
+        float *sc = (float *)(rowp + 2 * n2 + 1), *acc = sc + HP * n2 * 2, *o = acc + 8 * r;
+        uint32_t *p2 = (uint32_t *)(o + 8 * r);
+        uint16_t *q16 = (uint16_t *)(p2 + HP * n2), *o16 = q16 + HP * W;
+        for (int64_t s = 0; s < n; s++) rowp[s] = cache + (rows ? rows[b * S + s] : start + s) * W;
+        if (n % 2) rowp[n] = rowp[n - 1];
+        decode_pairs_one(q_nope + b * H * nope, q_pe + b * H * rope, wk2, wv2, rowp, n, H, nope, rope, v, r, scale,
+                         q16, sc, p2, acc, o, o16, out + b * H * v);
+        free(mem);
     }
     return failed ? -1 : 0;
 }

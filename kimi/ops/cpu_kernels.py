@@ -121,7 +121,9 @@ def _library() -> ctypes.CDLL | None:
     return lib and _declare(lib, "bf16", {
         "kimi_gemv_bf16": ([_ptr, _i64, _i64, _ptr, _i64, _ptr, _int], _int),
         "kimi_mla_decode_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
-                                  _f32, _int, _ptr, _int], _int),
+                                  _f32, _ptr, _int], _int),
+        "kimi_mla_decode_pairs": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
+                                   _i64, _f32, _ptr, _int], _int),
         "kimi_swiglu_one_bf16": ([_ptr, _i64, _ptr, _ptr, _i64, _f32, _ptr, _ptr], _int),
     })
 
@@ -304,8 +306,8 @@ def moe_one_fp32(moe, x: torch.Tensor) -> torch.Tensor:
 
 @functools.cache
 def bf16_dot() -> bool:
-    """True where the CPU has AVX512-BF16 pair dot products (vdpbf16ps), which mla_decode uses for its two passes
-    over the context (1.5-1.6x faster than its fp32 form at 2-8k tokens on this project's dev CPU)."""
+    """True where the CPU has AVX512-BF16 pair dot products (vdpbf16ps), which mla_decode then uses for all its
+    products (its fp32 multiply-add form is 1.5-1.6x slower at 2-8k tokens on this project's dev CPU)."""
     return available() and bool(_loaded().kimi_cpu_has_bf16_dot())
 
 
@@ -335,11 +337,31 @@ def gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return y
 
 
+def _pairs(w: torch.Tensor) -> torch.Tensor:
+    """w [H, k, n] -> [H, ceil(k / 2), n, 2]: the values of consecutive rows k side by side (a zero row past an odd k),
+    one 32-bit pair per column, as vdpbf16ps multiplies them."""
+    if w.shape[1] % 2:
+        w = torch.cat([w, w.new_zeros(w.shape[0], 1, w.shape[2])], 1)
+    return w.view(w.shape[0], -1, 2, w.shape[2]).transpose(2, 3).contiguous()
+
+
+def kv_b_pairs(mla) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_b_proj as the pairs kernel reads it: W_UK pairs along nope [H, nope / 2, r, 2] and W_UV pairs along r
+    [H, r / 2, v, 2], built from MLA.absorbed_weights() and rebuilt with them (kept beside them on the module)."""
+    w_uk, w_uv_t = mla.absorbed_weights()  # [H, nope, r], [H, r, v]
+    cached = getattr(mla, "_kv_b_pairs", None)
+    if cached is None or cached[0] is not w_uk:
+        cached = (w_uk, _pairs(w_uk), _pairs(w_uv_t))
+        mla._kv_b_pairs = cached
+    return cached[1], cached[2]
+
+
 def mla_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tensor, rows: torch.Tensor | slice,
                lengths: torch.Tensor) -> torch.Tensor:
     """Absorbed MLA attention of B single-token queries, bf16 on the CPU: q_nope [B, 1, H, nope], q_pe [B, 1, H,
     rope]; cache [R, W] (one layer's latent rows); rows: [B, S] cache rows of each context, or a slice of
-    consecutive rows (B = 1); lengths [B] int64 (sequence b attends rows[b, :lengths[b]]) -> [B, 1, H, v]."""
+    consecutive rows (B = 1); lengths [B] int64 (sequence b attends rows[b, :lengths[b]]) -> [B, 1, H, v].
+    With AVX512-BF16 (bf16_dot()) every product runs on pairs (kimi_mla_decode_pairs), else in fp32 multiply-adds."""
     lib = _loaded()
     B, _, H, nope = q_nope.shape
     weight = mla.kv_b_proj.weight
@@ -349,10 +371,17 @@ def mla_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     q_nope, q_pe = q_nope.contiguous(), q_pe.contiguous()
     lengths, rows, rows_ptr, start, S = _context(rows, lengths)
     out = q_nope.new_empty(B, 1, H, mla.v_head_dim)
-    if lib.kimi_mla_decode_bf16(q_nope.data_ptr(), q_pe.data_ptr(), weight.data_ptr(), cache.data_ptr(), rows_ptr,
-                                start, lengths.data_ptr(), B, S, H, nope, mla.qk_rope_head_dim, mla.v_head_dim,
-                                mla.kv_lora_rank, mla.scale, int(bf16_dot()), out.data_ptr(),
-                                torch.get_num_threads()):
+    shape = (B, S, H, nope, mla.qk_rope_head_dim, mla.v_head_dim, mla.kv_lora_rank, mla.scale)
+    if bf16_dot():
+        wk2, wv2 = kv_b_pairs(mla)
+        failed = lib.kimi_mla_decode_pairs(q_nope.data_ptr(), q_pe.data_ptr(), wk2.data_ptr(), wv2.data_ptr(),
+                                           cache.data_ptr(), rows_ptr, start, lengths.data_ptr(), *shape,
+                                           out.data_ptr(), torch.get_num_threads())
+    else:
+        failed = lib.kimi_mla_decode_bf16(q_nope.data_ptr(), q_pe.data_ptr(), weight.data_ptr(), cache.data_ptr(),
+                                          rows_ptr, start, lengths.data_ptr(), *shape, out.data_ptr(),
+                                          torch.get_num_threads())
+    if failed:
         raise MemoryError("mla_decode could not allocate its scratch memory")
     return out
 
