@@ -1,12 +1,14 @@
 """kimi's C kernels for CPU decode (kimi/ops/cpu_kernels.py) against their plain twins: gemv against an fp32 product,
-mla_decode against ops/attention.py's torch path, and a packed model's single-row decode steps against the plain
-model. Skipped where the kernels cannot run (no AVX-512 or no C compiler)."""
+mla_decode against ops/attention.py's torch path, moe_combine bit for bit against Experts._combine's torch
+expression, and a packed model's single-row decode steps against the plain model. Skipped where the kernels cannot
+run (no AVX-512 or no C compiler)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from kimi.model.cache import DenseCache
+from kimi.model.mla import causal_mask
 from kimi.model.model import build_model
 from kimi.ops import attention, cpu_kernels
 from kimi.ops.packed_linear import pack_for_cpu
@@ -85,6 +87,51 @@ def test_mla_decode_equals_the_torch_path(lengths, layout, heads, rank, pairs, m
     assert (got == want).float().mean() > 0.9
 
 
+@pytest.mark.parametrize("T,start", [(1, 0), (7, 0), (40, 0), (33, 64), (300, 0), (100, 157)])
+@pytest.mark.parametrize("heads,v", [(4, 16), (12, 96)])  # v 96: a 64-column block and a 32-column one
+def test_mla_prefill_equals_the_torch_path(T, start, heads, v):
+    if not cpu_kernels.bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16")
+    model = build_model(k2_tiny(num_attention_heads=heads, v_head_dim=v), dtype=torch.bfloat16, seed=2).eval()
+    mla = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(T + start)
+    S, W = start + T, mla.kv_lora_rank + mla.qk_rope_head_dim
+    q_nope = torch.randn(1, T, heads, mla.qk_nope_head_dim, generator=g).bfloat16()
+    q_pe = torch.randn(1, T, heads, mla.qk_rope_head_dim, generator=g).bfloat16()
+    latent = torch.randn(1, S + 5, W, generator=g).bfloat16()[:, :S]  # a view of a longer buffer, as DenseCache's
+    with torch.inference_mode():
+        want = mla.attend_expanded(q_nope, q_pe, latent, causal_mask(T, S, start, "cpu")).float()
+        got = cpu_kernels.mla_prefill(mla, q_nope, q_pe, latent, start).float()
+    # torch's CPU flash attention and the kernel round at the same points (p to bf16 before v, the output once)
+    assert got.shape == want.shape == (1, T, heads, v)
+    assert (got - want).abs().max() <= 2 ** -7 * want.abs().max()
+    assert (got == want).float().mean() > 0.5
+
+
+@pytest.mark.parametrize("family", [k2_tiny, kl_tiny])
+def test_packed_prefill_is_close_to_the_plain_model(family):
+    """A prompt in one forward (the packed model's MLA layers attend through mla_prefill), and again in two chunks
+    (the second over a cached prefix): the packed model's logits stay within bf16 noise of the plain model's,
+    measured against an fp32 copy of the same weights."""
+    plain = build_model(family(), dtype=torch.bfloat16, seed=4).eval()
+    packed = build_model(family(), dtype=torch.bfloat16, seed=4).eval()
+    exact = build_model(family(), dtype=torch.bfloat16, seed=4).float().eval()
+    pack_for_cpu(packed)
+    tokens = torch.randint(0, plain.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(1))
+    logits = {}
+    with torch.inference_mode():
+        for name, m in {"plain": plain, "packed": packed, "fp32": exact}.items():
+            for split in (70, 45):
+                cache = DenseCache(m.config, 1, 70, m.dtype)
+                first = m(tokens[:, :split], cache=cache).float()
+                rest = [m(tokens[:, split:], cache=cache).float()] if split < 70 else []
+                logits[name, split] = torch.cat([first, *rest], 1)
+    for split in (70, 45):
+        err_plain = (logits["plain", split] - logits["fp32", split]).abs().max()
+        err_packed = (logits["packed", split] - logits["fp32", split]).abs().max()
+        assert err_packed <= 2 * err_plain + 1e-3
+
+
 @pytest.mark.parametrize("family", [k2_tiny, kl_tiny])
 def test_packed_single_row_decode_steps_are_close_to_the_plain_model(family):
     """Teacher-forced decode, one token at a time (every projection a single row, so gemv runs): a packed model's
@@ -135,6 +182,27 @@ def test_swiglu_matches_the_torch_single_row_path():
     total = torch.ones(1, D)
     assert cpu_kernels.swiglu(x, gate_up, down, 0.37, total) is None
     assert torch.allclose(total, 1 + (got * torch.tensor([[0.37]])).bfloat16().float(), atol=1e-2)
+
+
+@pytest.mark.parametrize("tokens,k,dim", [(1, 1, 16), (300, 2, 100), (2048, 8, 768)])
+def test_moe_combine_is_bitwise_the_torch_expression(tokens, k, dim):
+    """Experts._combine's torch expression (fp32 products rounded to bf16, index_add_ summing in fp32 and rounding
+    once) and the C kernel agree bit for bit, on any number of threads, with the rows grouped by expert as _grouped
+    groups them; and a token no row names comes out zero."""
+    from kimi.model.moe import Experts
+    g = torch.Generator().manual_seed(tokens)
+    idx = torch.stack([torch.randperm(16, generator=g)[:k] for _ in range(tokens)])
+    token = idx.flatten().argsort(stable=True) // k
+    y = torch.randn(tokens * k, dim, generator=g).bfloat16()
+    w = torch.rand(tokens * k, generator=g) * 2.5
+    x = torch.empty(tokens + 1, dim, dtype=torch.bfloat16)  # one more token than the rows name
+    want = Experts._combine(None, y, w, token, x)
+    for threads in (1, 2):
+        with torch_threads(threads):
+            got = cpu_kernels.moe_combine(y, w, token, tokens + 1)
+        assert torch.equal(got, want) and not got[-1].any()
+    with pytest.raises(ValueError, match="token"):
+        cpu_kernels.moe_combine(y, w, token, tokens - 1 if tokens > 1 else 0)
 
 
 @pytest.mark.parametrize("groups", [(1, 1), (4, 2)])

@@ -75,8 +75,12 @@ class Experts(nn.Module):
         # per expert (~2 ms each at 8,192 x 128 in training); split's backward is one concatenation
         parts = x[token].split(counts)
         ys = [self.expert(e, part) for e, part in enumerate(parts) if counts[e]]
-        y = (torch.cat(ys) * w.flatten()[order, None]).to(x.dtype)  # weights stay fp32 until here
-        return torch.zeros_like(x).index_add_(0, token, y)
+        return self._combine(torch.cat(ys), w.flatten()[order], token, x)
+
+    def _combine(self, y: torch.Tensor, w: torch.Tensor, token: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """y [M, D] expert outputs, w [M] their fp32 weights, token [M] their tokens -> [N, D] in x's dtype: each
+        token's sum of its rows' bf16(y * w) (weights stay fp32 until here; index_add_ sums in fp32, rounds once)."""
+        return torch.zeros_like(x).index_add_(0, token, (y * w[:, None]).to(x.dtype))
 
     def _one_token(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """forward for x [1, D] (batch-1 decode) without the sort, gather and scatter, in the same arithmetic as

@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 #include "cpu_route.h"
 
 static inline __m512 load_bf16(const uint16_t *p) {
@@ -39,6 +40,20 @@ static inline float from_bf16(uint16_t b) {
 }
 
 static inline float round_bf16(float f) { return from_bf16(to_bf16(f)); }
+
+// to_bf16 on 16 values at once (AVX-512F only)
+static inline __m256i to_bf16_ps(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x), hi = _mm512_srli_epi32(u, 16);
+    const __m512i lsb = _mm512_and_si512(hi, _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_or_si512(hi, _mm512_set1_epi32(0x40)));
+    return _mm512_cvtepi32_epi16(r);
+}
+
+// 16 fp32 values rounded to bf16 and back (as torch's bf16 results are)
+static inline __m512 round_bf16_ps(__m512 x) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(to_bf16_ps(x)), 16));
+}
 
 static inline __mmask16 tail_mask(int64_t n) { return (__mmask16)((1u << (n & 15)) - 1u); }
 
@@ -289,12 +304,6 @@ int kimi_cpu_has_bf16_dot(void) {
 
 static inline __mmask32 tail_mask32(int64_t n) { return (__mmask32)((1ull << (n & 31)) - 1u); }
 
-// 16 fp32 values rounded to bf16 and back (as torch's bf16 results are)
-BF16_DOT static inline __m512 round_bf16_ps(__m512 x) {
-    const __m256i h = (__m256i)_mm512_cvtneps_pbh(x);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
 // lane k of the result = the sum of a[k]'s 16 lanes, by a transposing tree: 45 shuffles and adds for the 16 sums,
 // where 16 separate reductions take ~130
 BF16_DOT static inline __m512 sums16(const __m512 a[16]) {
@@ -495,6 +504,174 @@ int kimi_mla_decode_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const ui
     return failed ? -1 : 0;
 }
 
+// ---- MLA prefill attention (the expanded form) with AVX512-BF16 pair dot products --------------------------------
+// Causal attention of T queries (positions start .. start + T - 1) over S = start + T keys, per head: q = [q_nope,
+// q_pe], k = [k_nope, k_pe] (k_pe shared by the heads: MLA's rope key), v; flash-style, in tiles of 8 queries x 32
+// keys with an online softmax in fp32. As torch's CPU flash attention does for bf16: scores summed in fp32 and
+// scaled, probabilities rounded to bf16 for the product with v, output summed in fp32 and divided by the softmax
+// sum before its one rounding to bf16. Each head's keys and values are first repacked as pairs along the summed
+// dimension (keys: (k[2d], k[2d+1]) for 32 keys side by side; values: (v_s[c], v_s+1[c])), so that every product is
+// one 32-bit broadcast (a query's pair, a probability pair) times a register of packed pairs: no reductions.
+#define PQ 8   // queries per tile
+#define PK 32  // keys per tile
+
+// Head h's keys and values as pairs (nope and rope even, dv a multiple of 16; rows past S are zero):
+// kp [ceil(S / PK), D2, PK]: (k[2d], k[2d+1]) of PK keys side by side, D2 = (nope + rope) / 2 (k = [k_nope | k_pe]);
+// vp [ceil(S / PK) * PK / 2, dv]: (v_2j[c], v_2j+1[c]).
+typedef uint32_t pair_u32 __attribute__((aligned(2), may_alias));  // two bf16 read as one 32-bit value
+
+static void pack_head(const uint16_t *kv, int64_t ld_kv, const uint16_t *k_pe, int64_t ld_pe, int64_t S, int64_t h,
+                      int64_t nope, int64_t rope, int64_t dv, uint32_t *kp, uint32_t *vp) {
+    const int64_t D2 = (nope + rope) / 2, nkb = (S + PK - 1) / PK;
+    for (int64_t kb = 0; kb < nkb; kb++)
+        for (int64_t j = 0; j < PK; j++) {
+            const int64_t s = kb * PK + j;
+            uint32_t *col = kp + kb * D2 * PK + j;
+            if (s >= S) {
+                for (int64_t d2 = 0; d2 < D2; d2++) col[d2 * PK] = 0u;
+                continue;
+            }
+            const pair_u32 *kn = (const pair_u32 *)(kv + s * ld_kv + h * (nope + dv));
+            const pair_u32 *kr = (const pair_u32 *)(k_pe + s * ld_pe);
+            for (int64_t d2 = 0; d2 < nope / 2; d2++) col[d2 * PK] = kn[d2];
+            for (int64_t d2 = 0; d2 < rope / 2; d2++) col[(nope / 2 + d2) * PK] = kr[d2];
+        }
+    for (int64_t j = 0; j < nkb * PK / 2; j++) {
+        const uint16_t *va = kv + 2 * j * ld_kv + h * (nope + dv) + nope, *vb = va + ld_kv;
+        for (int64_t c = 0; c < dv; c += 16) {
+            const __m512i a = 2 * j < S ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(va + c)))
+                                        : _mm512_setzero_si512();
+            const __m512i b = 2 * j + 1 < S ? _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(vb + c)))
+                                            : _mm512_setzero_si512();
+            _mm512_storeu_si512(vp + j * dv + c, _mm512_or_si512(a, _mm512_slli_epi32(b, 16)));
+        }
+    }
+}
+
+// o [4, 16 nz] = alpha * o + p v over one tile's PK keys, for 4 queries and 16 nz <= 64 columns: p2 [4][PK / 2]
+// probability pairs, vb [PK / 2, ld] value pairs from the block's first column. Inlined with nz = 4, the 16
+// accumulators stay in registers.
+BF16_DOT static inline __attribute__((always_inline)) void pv_block(const uint32_t *vb, int64_t ld,
+                                                                    const uint32_t (*p2)[PK / 2], const float *alpha,
+                                                                    float *o, int nz) {
+    __m512 acc[4][4];
+    for (int i = 0; i < 4; i++)
+        for (int z = 0; z < nz; z++)
+            acc[i][z] = _mm512_mul_ps(_mm512_loadu_ps(o + i * ld + 16 * z), _mm512_set1_ps(alpha[i]));
+    for (int64_t j = 0; j < PK / 2; j++) {
+        __m512bh v[4];
+        for (int z = 0; z < nz; z++) v[z] = (__m512bh)_mm512_loadu_si512(vb + j * ld + 16 * z);
+        for (int i = 0; i < 4; i++) {
+            const __m512bh p = (__m512bh)_mm512_set1_epi32((int)p2[i][j]);
+            for (int z = 0; z < nz; z++) acc[i][z] = _mm512_dpbf16_ps(acc[i][z], p, v[z]);
+        }
+    }
+    for (int i = 0; i < 4; i++)
+        for (int z = 0; z < nz; z++) _mm512_storeu_ps(o + i * ld + 16 * z, acc[i][z]);
+}
+
+// one tile row block: queries t0 .. t0 + PQ - 1 of head h -> out rows (bf16)
+BF16_DOT static void prefill_tile(const uint16_t *q_nope, const uint16_t *q_pe, const uint32_t *kp,
+                                  const uint32_t *vp, int64_t t0, int64_t T, int64_t start, int64_t S, int64_t H,
+                                  int64_t h, int64_t nope, int64_t rope, int64_t dv, float scale, uint16_t *out,
+                                  uint32_t *qt, float *o) {
+    const int64_t dq = nope + rope, D2 = dq / 2, nq = T - t0 < PQ ? T - t0 : PQ;
+    const int64_t last = start + t0 + nq - 1, nkb = last / PK + 1;  // keys 0 .. last
+    uint16_t *q = (uint16_t *)qt;  // the tile's queries [PQ, dq]: [q_nope | q_pe] (pairs [PQ, D2]), zero past the last
+    for (int64_t i = 0; i < PQ; i++) {
+        uint16_t *qi = q + i * dq;
+        if (i < nq) {
+            memcpy(qi, q_nope + ((t0 + i) * H + h) * nope, (size_t)nope * 2);
+            memcpy(qi + nope, q_pe + ((t0 + i) * H + h) * rope, (size_t)rope * 2);
+        } else {
+            memset(qi, 0, (size_t)dq * 2);
+        }
+    }
+    float m[PQ], l[PQ];
+    uint32_t p2[PQ][PK / 2];
+    for (int64_t i = 0; i < PQ; i++) m[i] = -INFINITY, l[i] = 0.0f;
+    for (int64_t i = 0; i < PQ * dv; i++) o[i] = 0.0f;
+    const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int64_t kb = 0; kb < nkb; kb++) {
+        __m512 a[PQ][2];
+        for (int i = 0; i < PQ; i++) a[i][0] = a[i][1] = _mm512_setzero_ps();
+        const uint32_t *k = kp + kb * D2 * PK;
+        for (int64_t d2 = 0; d2 < D2; d2++) {
+            const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k + d2 * PK);
+            const __m512bh k1 = (__m512bh)_mm512_loadu_si512(k + d2 * PK + 16);
+            for (int i = 0; i < PQ; i++) {
+                const __m512bh q = (__m512bh)_mm512_set1_epi32((int)qt[i * D2 + d2]);
+                a[i][0] = _mm512_dpbf16_ps(a[i][0], q, k0);
+                a[i][1] = _mm512_dpbf16_ps(a[i][1], q, k1);
+            }
+        }
+        float alpha[PQ];
+        for (int i = 0; i < PQ; i++) {  // online softmax: query i sees keys up to start + t0 + i (and < S)
+            const int64_t lim = (i < nq ? start + t0 + i : start + t0) - kb * PK;  // last visible key in this block
+            const __mmask16 v0 = _mm512_cmple_epi32_mask(iota, _mm512_set1_epi32((int)(lim < 15 ? lim : 15)));
+            const __mmask16 v1 = _mm512_cmple_epi32_mask(iota, _mm512_set1_epi32((int)(lim < 31 ? lim - 16 : 15)));
+            const __m512 s0 = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), v0, a[i][0], _mm512_set1_ps(scale));
+            const __m512 s1 = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), v1, a[i][1], _mm512_set1_ps(scale));
+            const float mx = fmaxf(m[i], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
+            alpha[i] = expf(m[i] - mx);  // 0 on the first block (m = -inf)
+            m[i] = mx;
+            const __m512 e0 = _mm512_maskz_mov_ps(v0, exp_ps(_mm512_sub_ps(s0, _mm512_set1_ps(mx))));
+            const __m512 e1 = _mm512_maskz_mov_ps(v1, exp_ps(_mm512_sub_ps(s1, _mm512_set1_ps(mx))));
+            l[i] = l[i] * alpha[i] + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+            _mm256_storeu_si256((__m256i *)p2[i], (__m256i)_mm512_cvtneps_pbh(e0));
+            _mm256_storeu_si256((__m256i *)(p2[i] + 8), (__m256i)_mm512_cvtneps_pbh(e1));
+        }
+        const uint32_t *vb = vp + kb * PK / 2 * dv;
+        for (int64_t i0 = 0; i0 < PQ; i0 += 4)  // o[i] = alpha o[i] + p[i] v, 4 queries x 64 columns at a time
+            for (int64_t c0 = 0; c0 < dv; c0 += 64) {
+                if (dv - c0 >= 64)
+                    pv_block(vb + c0, dv, p2 + i0, alpha + i0, o + i0 * dv + c0, 4);  // unrolled: 16 registers
+                else
+                    pv_block(vb + c0, dv, p2 + i0, alpha + i0, o + i0 * dv + c0, (int)(dv - c0) / 16);
+            }
+    }
+    for (int64_t i = 0; i < nq; i++) {
+        const __m512 inv = _mm512_set1_ps(1.0f / l[i]);
+        for (int64_t c = 0; c < dv; c += 16)
+            _mm256_storeu_si256((__m256i *)(out + ((t0 + i) * H + h) * dv + c),
+                                to_bf16_ps(_mm512_mul_ps(_mm512_loadu_ps(o + i * dv + c), inv)));
+    }
+}
+
+// q_nope [T, H, nope], q_pe [T, H, rope]; kv [S, ld_kv] rows of H x (k_nope [nope] | v [dv]) (kv_b_proj's output);
+// k_pe [S, ld_pe] (the latent's rope columns); nope and rope even, dv a multiple of 16 -> out [T, H, dv]. Returns 0,
+// or -1 when scratch memory could not be allocated.
+int kimi_mla_prefill_bf16(const uint16_t *q_nope, const uint16_t *q_pe, const uint16_t *kv, int64_t ld_kv,
+                          const uint16_t *k_pe, int64_t ld_pe, int64_t T, int64_t start, int64_t H, int64_t nope,
+                          int64_t rope, int64_t dv, float scale, uint16_t *out, int threads) {
+    const int64_t S = start + T, D2 = (nope + rope) / 2, nkb = (S + PK - 1) / PK;
+    const int64_t kp_size = nkb * D2 * PK, vp_size = nkb * PK / 2 * dv, nt = (T + PQ - 1) / PQ;
+    uint32_t *packed = (uint32_t *)malloc((size_t)(H * (kp_size + vp_size)) * sizeof(uint32_t));
+    if (!packed) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t h = 0; h < H; h++)
+        pack_head(kv, ld_kv, k_pe, ld_pe, S, h, nope, rope, dv, packed + h * kp_size,
+                  packed + H * kp_size + h * vp_size);
+    int failed = 0;
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
+    {
+        uint32_t *qt = (uint32_t *)malloc((size_t)(PQ * D2) * sizeof(uint32_t));
+        float *o = (float *)malloc((size_t)(PQ * dv) * sizeof(float));
+        if (!qt || !o) failed = 1;
+#pragma omp for schedule(dynamic)
+        for (int64_t u = 0; u < H * nt; u++) {  // longest tiles first: the last query blocks see the most keys
+            const int64_t h = u % H, t0 = (nt - 1 - u / H) * PQ;
+            if (qt && o)
+                prefill_tile(q_nope, q_pe, packed + h * kp_size, packed + H * kp_size + h * vp_size, t0, T, start, S,
+                             H, h, nope, rope, dv, scale, out, qt, o);
+        }
+        free(qt);
+        free(o);
+    }
+    free(packed);
+    return failed ? -1 : 0;
+}
+
 // RMSNorm of M rows of D values, as model/layers.py's RMSNorm computes it: y = w * bf16(x / sqrt(mean(x^2) + eps)),
 // the normalisation in fp32, rounded to bf16 before the weight (bf16 too) multiplies it; x, w, y bf16.
 void kimi_rmsnorm_bf16(const uint16_t *x, int64_t M, int64_t D, const uint16_t *w, float eps, uint16_t *y) {
@@ -565,6 +742,40 @@ int kimi_swiglu_one_bf16(const uint16_t *x, int64_t D, const uint16_t *gate_up, 
         for (int64_t d = 0; d < D; d++) total[d] += round_bf16(from_bf16(out[d]) * w);
     free(buf);
     free(tmp);
+    return 0;
+}
+
+// The end of a MoE block over many tokens (model/moe.py's Experts._combine): out[t] = bf16(sum over the rows i of y
+// that token t's experts produced, in increasing i, of bf16(y[i] * w[i]) in fp32), as torch computes
+// zeros(N, D).index_add_(0, token, (y * w[:, None]).to(bf16)) with index_add_'s fp32 accumulation, with no [M, D] fp32
+// product or bf16 copy in between (fresh tensors that cost ~6 ms in page faults and cache misses per MoE layer of a
+// 2,048-token prefill step). y [M, D] bf16, w [M] fp32, token [M] in [0, N), out [N, D] bf16. Tokens go in
+// parallel; returns 0, or -1 when scratch memory could not be allocated.
+int kimi_moe_combine_bf16(const uint16_t *y, const float *w, const int64_t *token, int64_t M, int64_t N, int64_t D,
+                          uint16_t *out, int threads) {
+    int64_t *start = (int64_t *)calloc((size_t)(N + 1), sizeof(int64_t));
+    int64_t *rows = (int64_t *)malloc((size_t)(M > 0 ? M : 1) * sizeof(int64_t));
+    if (!start || !rows) { free(start); free(rows); return -1; }
+    for (int64_t i = 0; i < M; i++) start[token[i] + 1]++;  // token t: rows[start[t] .. start[t + 1]), i order
+    for (int64_t t = 0; t < N; t++) start[t + 1] += start[t];
+    for (int64_t i = 0; i < M; i++) rows[start[token[i]]++] = i;
+    for (int64_t t = N; t > 0; t--) start[t] = start[t - 1];
+    start[0] = 0;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && N > 64)
+    for (int64_t t = 0; t < N; t++) {
+        for (int64_t d = 0; d < D; d += 16) {
+            const __mmask16 m = d + 16 <= D ? (__mmask16)0xffff : tail_mask(D);
+            __m512 acc = _mm512_setzero_ps();
+            for (int64_t j = start[t]; j < start[t + 1]; j++) {
+                const int64_t i = rows[j];
+                const __m512 x = _mm512_mul_ps(load_bf16_tail(y + i * D + d, m), _mm512_set1_ps(w[i]));
+                acc = _mm512_add_ps(acc, round_bf16_ps(x));
+            }
+            _mm256_mask_storeu_epi16(out + t * D + d, m, to_bf16_ps(acc));
+        }
+    }
+    free(start);
+    free(rows);
     return 0;
 }
 

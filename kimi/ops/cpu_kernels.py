@@ -122,9 +122,12 @@ def _library() -> ctypes.CDLL | None:
         "kimi_gemv_bf16": ([_ptr, _i64, _i64, _ptr, _i64, _ptr, _int], _int),
         "kimi_mla_decode_bf16": ([_ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64,
                                   _f32, _ptr, _int], _int),
+        "kimi_mla_prefill_bf16": ([_ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64, _i64, _f32, _ptr,
+                                   _int], _int),
         "kimi_mla_decode_pairs": ([_ptr, _ptr, _ptr, _ptr, _ptr, _ptr, _i64, _ptr, _i64, _i64, _i64, _i64, _i64, _i64,
                                    _i64, _f32, _ptr, _int], _int),
         "kimi_swiglu_one_bf16": ([_ptr, _i64, _ptr, _ptr, _i64, _f32, _ptr, _ptr], _int),
+        "kimi_moe_combine_bf16": ([_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _int], _int),
     })
 
 
@@ -386,6 +389,36 @@ def mla_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Tenso
     return out
 
 
+def prefill_fits(mla) -> bool:
+    """Whether mla_prefill takes this layer's shapes: even nope and rope (pairs), v a multiple of 16."""
+    return mla.qk_nope_head_dim % 2 == mla.qk_rope_head_dim % 2 == 0 and mla.v_head_dim % 16 == 0
+
+
+def mla_prefill(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, start: int) -> torch.Tensor:
+    """MLA.attend in the expanded form for one sequence's T queries at positions start.. over latent [1, start + T,
+    W] (its whole context), causal, bf16 on a CPU with AVX512-BF16 (bf16_dot()): q_nope [1, T, H, nope], q_pe [1, T,
+    H, rope] -> [1, T, H, v]. Keys and values come from kv_b_proj(latent[..., :r]) and the latent's rope columns as
+    they are (no expanded [H, S, qk] copies, no zero padding of v to qk); the kernel is flash attention in bf16 pairs
+    with torch's CPU flash-attention roundings (kimi_mla_prefill_bf16)."""
+    lib = _loaded()
+    _, T, H, nope = q_nope.shape
+    S, r, rope, v = latent.shape[1], mla.kv_lora_rank, mla.qk_rope_head_dim, mla.v_head_dim
+    if not (q_nope.dtype == q_pe.dtype == latent.dtype == torch.bfloat16 and q_nope.shape[0] == latent.shape[0] == 1
+            and S == start + T and prefill_fits(mla) and latent.stride(-1) == 1 and latent.device.type == "cpu"):
+        raise ValueError(f"mla_prefill wants one bf16 CPU sequence with S = start + T, even nope and rope, and v % 16 "
+                         f"== 0; got q_nope {tuple(q_nope.shape)} {q_nope.dtype}, latent {tuple(latent.shape)}, start "
+                         f"{start}, rope {rope}, v {v}")
+    kv = mla.kv_b_proj(latent[..., :r]).contiguous()  # [1, S, H * (nope + v)]
+    q_nope, q_pe = q_nope.contiguous(), q_pe.contiguous()
+    out = q_nope.new_empty(1, T, H, v)
+    k_pe = latent[0, :, r:]  # [S, rope], rows latent.stride(1) apart
+    if lib.kimi_mla_prefill_bf16(q_nope.data_ptr(), q_pe.data_ptr(), kv.data_ptr(), kv.shape[-1], k_pe.data_ptr(),
+                                 latent.stride(1), T, start, H, nope, rope, v, mla.scale, out.data_ptr(),
+                                 torch.get_num_threads()):
+        raise MemoryError("mla_prefill could not allocate its scratch memory")
+    return out
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """model/layers.py's RMSNorm in one call: x [..., D], weight [D], both bf16 or both fp32, on the CPU ->
     [..., D] of their dtype."""
@@ -447,6 +480,24 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight: f
                                 None if total is None else total.data_ptr(), None if y is None else y.data_ptr()):
         raise MemoryError("swiglu could not allocate its scratch memory")
     return y
+
+
+def moe_combine(y: torch.Tensor, w: torch.Tensor, token: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The end of a MoE block over many tokens (model/moe.py's Experts._combine): y [M, D] bf16 expert outputs, w [M]
+    fp32 weights, token [M] int64 in [0, num_tokens) -> [num_tokens, D] bf16, each token's fp32 sum, in row order, of
+    its rows' bf16(y * w), rounded once; bitwise what the torch expression gives, without its [M, D] temporaries."""
+    lib = _loaded()
+    M, D = y.shape
+    if (y.dtype != torch.bfloat16 or w.shape != (M,) or token.shape != (M,) or y.device.type != "cpu"
+            or (M and not 0 <= int(token.min()) <= int(token.max()) < num_tokens)):
+        raise ValueError(f"moe_combine wants y [M, D] bf16 on the CPU, w [M], token [M] in [0, {num_tokens}); got y "
+                         f"{tuple(y.shape)} {y.dtype}, w {tuple(w.shape)}, token {tuple(token.shape)}")
+    y, w, token = y.contiguous(), w.float().contiguous(), token.to(torch.int64).contiguous()
+    out = y.new_empty(num_tokens, D)
+    if lib.kimi_moe_combine_bf16(y.data_ptr(), w.data_ptr(), token.data_ptr(), M, num_tokens, D, out.data_ptr(),
+                                 torch.get_num_threads()):
+        raise MemoryError("moe_combine could not allocate its scratch memory")
+    return out
 
 
 def route_one(router, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

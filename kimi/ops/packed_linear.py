@@ -118,6 +118,12 @@ class PackedExperts(Experts):
             return cpu_kernels.gemv(F.silu(g) * u, self.down_plain[e])
         return _linear(F.silu(_linear(x, self.gate[e])) * _linear(x, self.up[e]), self.down[e])
 
+    def _combine(self, y: torch.Tensor, w: torch.Tensor, token: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Experts._combine as one C call where the kernels run (same roundings and order, no fp32 [M, D] product)."""
+        if cpu_kernels.available() and y.dtype == torch.bfloat16:
+            return cpu_kernels.moe_combine(y, w, token, x.shape[0])
+        return super()._combine(y, w, token, x)
+
     def _accumulate(self, e: int, x: torch.Tensor, weight: torch.Tensor, total: torch.Tensor) -> None:
         """Experts._accumulate as one C call (the expert and its weighted add, same roundings)."""
         if _one_row(x, self.down_plain[e]):
@@ -212,6 +218,16 @@ class OneRowMLA(MLA):
         if self.q_lora:
             q = self.q_b_proj(self.q_a_layernorm(q))
         return cpu_kernels.mla_project_one(self, q, kv, cos, sin)
+
+
+    def attend(self, q_nope, q_pe, latent, start: int) -> torch.Tensor:
+        """MLA.attend; a bf16 prefill chunk in the expanded form runs as one C call where the CPU has AVX512-BF16
+        (cpu_kernels.mla_prefill: flash attention in bf16 pairs, ~x torch's SDPA at bench size)."""
+        T, S = q_nope.shape[1], latent.shape[1]
+        if (q_nope.dtype == torch.bfloat16 and q_nope.shape[0] == 1 and S == start + T and T > 1
+                and not self.use_absorbed(T, S) and cpu_kernels.prefill_fits(self) and cpu_kernels.bf16_dot()):
+            return cpu_kernels.mla_prefill(self, q_nope, q_pe, latent, start)
+        return super().attend(q_nope, q_pe, latent, start)
 
 
 class OneRowKDA(KDA):
