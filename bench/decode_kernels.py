@@ -1,4 +1,4 @@
-"""kimi's C decode kernels (kimi/ops/cpu_kernels.py) against the torch paths they replace, one row at a time.
+"""kimi's C CPU kernels (kimi/ops/cpu_kernels.py) against the torch paths they replace, mostly decode's.
 
   1. y = x W^T for one row of x on bench/engine.py's weight shapes: kimi's gemv vs oneDNN-prepacked weights
      (kimi/ops/packed_linear.py) vs torch's F.linear, as GB/s of weight read (enough distinct matrices of each shape
@@ -6,7 +6,9 @@
   2. MLA absorbed decode attention for one sequence (bench/engine.py's K2-style layer: 8 heads, kv_lora 256, rope
      32) over contexts of 100 to 8,192 tokens: kimi's one-call kernel (with AVX512-BF16 pair dot products where the
      CPU has them, and in its fp32 form) vs ops/attention.py's torch path; and the same for a decode batch of 64
-     sequences of 256-1,152 tokens in randomly placed 16-row blocks (bench/engine.py's concurrent item, one layer).
+     sequences of 256-1,152 tokens in randomly placed 16-row blocks (bench/engine.py's concurrent item, one layer);
+     and MLA prefill attention of one chunk (the expanded form, causal; where the CPU has AVX512-BF16): kimi's
+     mla_prefill (kv_b_proj's product included) vs MLA.attend_expanded (torch's SDPA flash attention).
   3. fp32 models (CPUs without native bf16): y = x W^T for one fp32 row on the same shapes, kimi's gemv_fp32 reading
      a bf16 copy of a bf16-exact weight (kimi/ops/bf16_weights.py) vs torch's fp32 F.linear on the fp32 weight, as
      time per product and the GB/s each reads; the same for 2-128 rows on two shapes
@@ -32,13 +34,14 @@ import torch.nn.functional as F
 from engine import K2_BENCH  # bench/engine.py's K2-style model
 
 from kimi.config import ModelConfig
-from kimi.model.mla import MLA
+from kimi.model.mla import MLA, causal_mask
 from kimi.ops import attention, cpu_kernels
 from kimi.ops.bf16_weights import Bf16CopyLinear
 from kimi.ops.packed_linear import _linear, _pack
 
 SHAPES = [(512, 768), (768, 512), (2048, 768), (768, 2048), (32000, 768)]  # [out, in] as in bench/engine.py's model
 CONTEXTS = [100, 512, 2048, 8192]
+PREFILL_CHUNKS = [(256, 0), (1024, 0), (2048, 0), (512, 512)]  # (queries, position of the first)
 
 
 def best_of(fn, repeats=5) -> float:
@@ -133,6 +136,28 @@ def batch_attention_row(mla: MLA, batch: int = 64, lengths=(256, 1152), block: i
             "torch": t_torch * 1e3}, "bf16_dot": bf16_dot(), "correct": ok, "speedup": t_torch / t_kernel}
 
 
+def prefill_row(mla: MLA, T: int, start: int) -> dict:
+    """One chunk of T queries at positions start.. over its whole context, both paths from the same latent."""
+    g = torch.Generator().manual_seed(T)
+    S = start + T
+    q_nope = torch.randn(1, T, mla.num_heads, mla.qk_nope_head_dim, generator=g).bfloat16()
+    q_pe = torch.randn(1, T, mla.num_heads, mla.qk_rope_head_dim, generator=g).bfloat16()
+    latent = torch.randn(1, S, mla.kv_lora_rank + mla.qk_rope_head_dim, generator=g).bfloat16()
+    mask = causal_mask(T, S, start, "cpu")
+
+    def kernel():
+        return cpu_kernels.mla_prefill(mla, q_nope, q_pe, latent, start)
+
+    def torch_path():
+        return mla.attend_expanded(q_nope, q_pe, latent, mask)
+
+    want = torch_path().float()
+    ok = bool((kernel().float() - want).abs().max() <= 2 ** -7 * want.abs().max())
+    t_kernel, t_torch = (best_of(lambda: [f() for _ in range(3)]) / 3 for f in (kernel, torch_path))
+    return {"queries": T, "start": start, "ms": {"kernel": t_kernel * 1e3, "torch": t_torch * 1e3}, "correct": ok,
+            "speedup": t_torch / t_kernel}
+
+
 def attention_row_fp32(mla: MLA, context: int) -> dict:
     cache, q_nope, q_pe, rows, mask = attention_inputs(mla, context, torch.float32)
 
@@ -208,6 +233,12 @@ def main():
                   f"ms (fp32 form {r['ms']['kernel_fp32']:6.2f})  torch {r['ms']['torch']:6.2f} ms  "
                   f"({r['speedup']:.2f}x)"
                   f"{'' if r['correct'] else '  WRONG'}")
+            if cpu_kernels.bf16_dot():
+                res["mla_prefill"] = [prefill_row(mla, T, start) for T, start in PREFILL_CHUNKS]
+                for r in res["mla_prefill"]:
+                    print(f"MLA prefill, {r['queries']:>4} queries at {r['start']:>4}: kernel {r['ms']['kernel']:6.2f} "
+                          f"ms  torch SDPA {r['ms']['torch']:6.2f} ms  ({r['speedup']:.2f}x)"
+                          f"{'' if r['correct'] else '  WRONG'}")
         if cpu_kernels.fp32_available():
             res["fp32_linear_one_row"] = [linear_row_fp32(s) for s in SHAPES]
             for r in res["fp32_linear_one_row"]:
