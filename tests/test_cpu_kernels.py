@@ -61,7 +61,8 @@ def _torch_path(monkeypatch, fn):
 
 
 @pytest.mark.parametrize("lengths,layout", [([1], "rows"), ([40], "rows"), ([300], "rows"), ([7, 1, 130], "rows"),
-                                            ([1], "slice"), ([300], "slice")])  # a slice: one sequence's rows
+                                            ([1], "slice"), ([300], "slice"),  # a slice: one sequence's rows
+                                            ([2049], "rows"), ([3000, 5, 2100], "rows"), ([5000], "slice")])  # split
 @pytest.mark.parametrize("heads,rank", [(4, 32), (12, 80)])  # the kernel blocks 8 heads x 32 columns; and the rest
 @pytest.mark.parametrize("pairs", [True, False])  # AVX512-BF16 pair dot products, or the fp32 form
 def test_mla_decode_equals_the_torch_path(lengths, layout, heads, rank, pairs, monkeypatch):
@@ -72,12 +73,13 @@ def test_mla_decode_equals_the_torch_path(lengths, layout, heads, rank, pairs, m
     mla = model.model.layers[0].self_attn
     g = torch.Generator().manual_seed(sum(lengths))
     W = mla.kv_lora_rank + mla.qk_rope_head_dim
-    cache = torch.randn(512, W, generator=g).bfloat16()
     B, S = len(lengths), max(lengths)
+    R = max(512, B * S + 100)  # cache rows
+    cache = torch.randn(R, W, generator=g).bfloat16()
     q_nope = torch.randn(B, 1, mla.num_heads, mla.qk_nope_head_dim, generator=g).bfloat16()
     q_pe = torch.randn(B, 1, mla.num_heads, mla.qk_rope_head_dim, generator=g).bfloat16()
     mask = torch.arange(S)[None] < torch.tensor(lengths)[:, None]
-    rows = slice(100, 100 + S) if layout == "slice" else torch.randperm(512, generator=g)[:B * S].view(B, S)
+    rows = slice(100, 100 + S) if layout == "slice" else torch.randperm(R, generator=g)[:B * S].view(B, S)
     with torch.inference_mode():
         got = attention.paged_decode(mla, q_nope, q_pe, cache, rows, mask)
         want = _torch_path(monkeypatch, lambda: attention.paged_decode(mla, q_nope, q_pe, cache, rows, mask))
@@ -85,6 +87,30 @@ def test_mla_decode_equals_the_torch_path(lengths, layout, heads, rank, pairs, m
     assert got.shape == want.shape == (B, 1, mla.num_heads, mla.v_head_dim)
     assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
     assert (got == want).float().mean() > 0.9
+
+
+def test_mla_decode_splits_long_contexts_the_same_way_whatever_the_batch_and_threads():
+    """Contexts over 2,048 tokens are attended in chunks in parallel; the split depends on the length alone, so each
+    sequence's result is the same bit for bit alone or in a batch, on one thread or two."""
+    if not cpu_kernels.bf16_dot():
+        pytest.skip("this CPU has no AVX512-BF16")
+    model = build_model(k2_tiny(num_attention_heads=8, kv_lora_rank=64), dtype=torch.bfloat16, seed=3).eval()
+    mla = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([4500, 30, 2049, 2048])
+    B, S = len(lengths), int(lengths.max())
+    cache = torch.randn(B * S, mla.kv_lora_rank + mla.qk_rope_head_dim, generator=g).bfloat16()
+    rows = torch.randperm(B * S, generator=g).view(B, S)
+    q_nope = torch.randn(B, 1, 8, mla.qk_nope_head_dim, generator=g).bfloat16()
+    q_pe = torch.randn(B, 1, 8, mla.qk_rope_head_dim, generator=g).bfloat16()
+    with torch.inference_mode(), torch_threads(2):
+        batch = cpu_kernels.mla_decode(mla, q_nope, q_pe, cache, rows, lengths)
+    for b in range(B):
+        for threads in (1, 2):
+            with torch.inference_mode(), torch_threads(threads):
+                alone = cpu_kernels.mla_decode(mla, q_nope[b:b + 1], q_pe[b:b + 1], cache, rows[b:b + 1],
+                                               lengths[b:b + 1])
+            assert torch.equal(alone, batch[b:b + 1])
 
 
 @pytest.mark.parametrize("T,start", [(1, 0), (7, 0), (40, 0), (33, 64), (300, 0), (100, 157)])

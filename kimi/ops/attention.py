@@ -18,12 +18,12 @@ import torch
 from kimi.ops import cpu_kernels
 
 
-def c_kernel_max_context() -> int:
-    """Longest context the C kernel attends over (one sequence is one thread; bench/decode_kernels.py, bench sizes,
-    torch on two threads). With AVX512-BF16 it beats the torch path 1.5x from 2k to 16k tokens, 1.3x at 32k and 1.1x
-    at 64k; without, its fp32 multiply-adds lose from ~3k tokens on. Longer contexts keep torch's GEMMs over the
-    gathered context."""
-    return 32768 if cpu_kernels.bf16_dot() else 2048
+def c_kernel_max_context() -> float:
+    """Longest context the C kernel attends over. With AVX512-BF16, any: a context over 2,048 tokens is split into
+    chunks attended in parallel (bench/decode_kernels.py: 1.5-2.5x the torch path from 512 to 32k tokens at bench
+    sizes, torch on two threads). Without, its fp32 multiply-adds lose from ~3k tokens on, and longer contexts keep
+    torch's GEMMs over the gathered context."""
+    return float("inf") if cpu_kernels.bf16_dot() else 2048
 
 
 def contiguous(table: list[int], num_tokens: int, block_size: int) -> slice | None:

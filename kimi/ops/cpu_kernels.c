@@ -393,36 +393,48 @@ BF16_DOT static void weighted_rows_pairs(const uint32_t *p2, int64_t n, const ui
     }
 }
 
-// softmax of a block's scores x [n_even / 2, 16] (rows s, s+1 x 8 heads per register; a pad row holds -inf) over the
-// rows of each head, fp32, then rounded to bf16 pairs p2 [n_even / 2, 8]: (p[s, h], p[s+1, h]) per head
-BF16_DOT static void softmax_pairs(float *x, int64_t n2, uint32_t *p2) {
-    const __m512i SWAP = _mm512_set_epi32(7, 6, 5, 4, 3, 2, 1, 0, 15, 14, 13, 12, 11, 10, 9, 8);  // row s <-> s+1
-    const __m256i PAIRS = _mm256_set_epi16(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
+// The softmax of a block's scores x [n_even / 2, 16] (rows s, s+1 x 8 heads per register; a pad row holds -inf) over
+// the rows of each head, in two steps, so that a context split into chunks normalises each p as a whole one does:
+// block_max_sum gives each head's max and sum of exp(x - max) ml [8, 2]; probability_pairs then rounds p = exp(x - m)
+// / l (m, l: the whole context's) to bf16 pairs p2 [n_even / 2, 8]: (p[s, h], p[s+1, h]) per head.
+static const int ROW_SWAP[16] = {8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7};  // row s <-> s+1
+
+BF16_DOT static void block_max_sum(const float *x, int64_t n2, float *ml) {
+    const __m512i swap = _mm512_loadu_si512(ROW_SWAP);
     __m512 m = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
     for (int64_t k = 0; k < n2; k++) m = _mm512_max_ps(m, _mm512_loadu_ps(x + 16 * k));
-    m = _mm512_max_ps(m, _mm512_permutexvar_ps(SWAP, m));  // each head's max, in both halves
+    m = _mm512_max_ps(m, _mm512_permutexvar_ps(swap, m));  // each head's max, in both halves
+    for (int64_t k = 0; k < n2; k++) sum = _mm512_add_ps(sum, exp_ps(_mm512_sub_ps(_mm512_loadu_ps(x + 16 * k), m)));
+    sum = _mm512_add_ps(sum, _mm512_permutexvar_ps(swap, sum));
+    float mv[16], sv[16];
+    _mm512_storeu_ps(mv, m);
+    _mm512_storeu_ps(sv, sum);
+    for (int j = 0; j < 8; j++) ml[2 * j] = mv[j], ml[2 * j + 1] = sv[j];
+}
+
+BF16_DOT static void probability_pairs(const float *x, int64_t n2, const float *ml, uint32_t *p2) {
+    const __m256i PAIRS = _mm256_set_epi16(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
+    float mv[16], iv[16];
+    for (int j = 0; j < 16; j++) mv[j] = ml[2 * (j % 8)], iv[j] = 1.0f / ml[2 * (j % 8) + 1];
+    const __m512 m = _mm512_loadu_ps(mv), inv = _mm512_loadu_ps(iv);
     for (int64_t k = 0; k < n2; k++) {
         const __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(x + 16 * k), m));
-        _mm512_storeu_ps(x + 16 * k, e);
-        sum = _mm512_add_ps(sum, e);
-    }
-    const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.0f), _mm512_add_ps(sum, _mm512_permutexvar_ps(SWAP, sum)));
-    for (int64_t k = 0; k < n2; k++) {
-        const __m256i p = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_loadu_ps(x + 16 * k), inv));
+        const __m256i p = (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(e, inv));
         _mm256_storeu_si256((__m256i *)(p2 + 8 * k), _mm256_permutexvar_epi16(PAIRS, p));
     }
 }
 
-// one sequence: rowp [n rounded up to even] its context rows (a pad row repeats the last), q_nope [H, nope], q_pe
-// [H, rope] -> out [H, v]. Scratch: q16 [HP, W] bf16, sc [HP / 8, n_even, 8] fp32, p2 [HP / 8, n_even / 2, 8], acc and
-// o [8, r] fp32, o16 [8, r] bf16 (HP = H rounded up to 8).
-BF16_DOT static void decode_pairs_one(const uint16_t *q_nope, const uint16_t *q_pe, const uint32_t *wk2,
-                                      const uint32_t *wv2, const uint16_t *const *rowp, int64_t n, int64_t H,
-                                      int64_t nope, int64_t rope, int64_t v, int64_t r, float scale, uint16_t *q16,
-                                      float *sc, uint32_t *p2, float *acc, float *o, uint16_t *o16, uint16_t *out) {
-    const int64_t W = r + rope, HP = (H + 7) / 8 * 8, n2 = (n + 1) / 2, nope2 = (nope + 1) / 2, r2 = (r + 1) / 2;
-    const __m512 sv = _mm512_set1_ps(scale);
-    for (int64_t h = 0; h < HP; h++) {  // q = [bf16(W_UK^T q_nope), q_pe]
+// A context longer than SPLIT_ROWS rows is attended in chunks of CHUNK_ROWS in parallel (flash-decoding): one long
+// sequence then uses every thread and each chunk stays in cache. The split depends on the length alone, so a
+// sequence's result does not depend on its batch or the thread count.
+#define SPLIT_ROWS 2048
+#define CHUNK_ROWS 1024
+
+// q16 [HP, W] = [bf16(W_UK^T q_nope), q_pe] for one sequence's q_nope [H, nope], q_pe [H, rope] (zero past H)
+BF16_DOT static void query_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const uint32_t *wk2, int64_t H,
+                                 int64_t nope, int64_t rope, int64_t r, uint16_t *q16) {
+    const int64_t W = r + rope, HP = (H + 7) / 8 * 8, nope2 = (nope + 1) / 2;
+    for (int64_t h = 0; h < HP; h++) {
         uint16_t *qh = q16 + h * W;
         if (h >= H) {
             for (int64_t j = 0; j < W; j++) qh[j] = 0;
@@ -431,7 +443,15 @@ BF16_DOT static void decode_pairs_one(const uint16_t *q_nope, const uint16_t *q_
         pair_gemv(q_nope + h * nope, nope, wk2 + h * nope2 * r, r, qh);
         for (int64_t j = 0; j < rope; j++) qh[r + j] = q_pe[h * rope + j];
     }
-    for (int64_t s = 0; s < 2 * n2; s += 2) {  // scores: two rows x 8 heads per step, bf16(q . row) * scale
+}
+
+// sc [HP / 8, n_even / 2, 16] = bf16(q16 . row_s) * scale over n rows rowp [n rounded up to even] (a pad row repeats
+// the last, and its scores are -inf), two rows x 8 heads per step
+BF16_DOT static void scores_pairs(const uint16_t *q16, const uint16_t *const *rowp, int64_t n, int64_t HP, int64_t W,
+                                  float scale, float *sc) {
+    const int64_t n2 = (n + 1) / 2;
+    const __m512 sv = _mm512_set1_ps(scale);
+    for (int64_t s = 0; s < 2 * n2; s += 2) {
         if (s + PREFETCH_ROWS + 1 < n)
             for (int64_t l = 0; l < 2 * W; l += 64) {
                 _mm_prefetch((const char *)rowp[s + PREFETCH_ROWS] + l, _MM_HINT_T0);
@@ -455,52 +475,126 @@ BF16_DOT static void decode_pairs_one(const uint16_t *q_nope, const uint16_t *q_
             _mm512_storeu_ps(sc + (hb / 8 * n2 + s / 2) * 16, _mm512_mul_ps(round_bf16_ps(sums16(a)), sv));
         }
     }
+    if (n % 2)
+        for (int64_t hb = 0; hb < HP; hb += 8)
+            for (int j = 0; j < 8; j++) sc[(hb / 8 * n2 + n2 - 1) * 16 + 8 + j] = -INFINITY;
+}
+
+// the context rows of a unit: rows lo .. lo + n of sequence b (a pad row repeats the last)
+static void unit_rows(const uint16_t *cache, const int64_t *rows, int64_t start, int64_t S, int64_t W, int64_t b,
+                      int64_t lo, int64_t n, const uint16_t **rowp) {
+    for (int64_t s = 0; s < n; s++) rowp[s] = cache + (rows ? rows[b * S + lo + s] : start + lo + s) * W;
+    if (n % 2) rowp[n] = rowp[n - 1];
+}
+
+// p = softmax rounded to bf16 pairs, then o [HP, r] = sum_s p[h, s] row_s[:r], for one unit of context: sc its scores
+// [HP / 8, n2, 16], mls [HP, 2] its sequence's max and sum per head, rowp its rows; scratch p2 [HP / 8, n2, 8], acc
+// [8, r]
+BF16_DOT static void weigh_unit(const float *sc, const float *mls, const uint16_t *const *rowp, int64_t n,
+                                int64_t HP, int64_t r, uint32_t *p2, float *acc, float *o) {
+    const int64_t n2 = (n + 1) / 2;
     for (int64_t hb = 0; hb < HP; hb += 8) {
-        float *x = sc + hb / 8 * n2 * 16;
-        if (n % 2)
-            for (int j = 0; j < 8; j++) x[(n2 - 1) * 16 + 8 + j] = -INFINITY;  // the pad row
-        softmax_pairs(x, n2, p2 + hb * n2);
-        weighted_rows_pairs(p2 + hb * n2, n, rowp, r, acc, o);
-        for (int64_t j = 0; j < 8 && hb + j < H; j++) {  // out = W_UV bf16(o_lat)
-            for (int64_t c = 0; c < r; c += 16) {
-                const __mmask16 m = c + 16 <= r ? (__mmask16)0xffff : tail_mask(r);
-                const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, o + j * r + c));
-                _mm256_mask_storeu_epi16(o16 + j * r + c, m, (__m256i)h);
-            }
-            pair_gemv(o16 + j * r, r, wv2 + (hb + j) * r2 * v, v, out + (hb + j) * v);
-        }
+        probability_pairs(sc + hb / 8 * n2 * 16, n2, mls + hb * 2, p2 + hb * n2);
+        weighted_rows_pairs(p2 + hb * n2, n, rowp, r, acc, o + hb * r);
     }
 }
 
 // MLA's absorbed decode for B single-token queries over a paged latent cache, one call per layer, with the pair
-// products above: the arguments of kimi_mla_decode_bf16 below, with wk2 and wv2 in place of kv_b.
+// products above: the arguments of kimi_mla_decode_bf16 below, with wk2 and wv2 in place of kv_b. Units of context
+// are whole sequences or chunks of long ones, in parallel passes: each sequence's query; each unit's scores and their
+// per-head max and sum (a whole sequence goes on to its probabilities and weighted rows while its rows are in
+// cache); for split sequences, the max and sum over their chunks, then each chunk's probabilities (normalised by the
+// sequence's) and weighted rows; each sequence's sum over its units, bf16(o_lat) and W_UV.
 // Returns 0, or -1 when scratch memory could not be allocated.
 int kimi_mla_decode_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const uint32_t *wk2, const uint32_t *wv2,
                           const uint16_t *cache, const int64_t *rows, int64_t start, const int64_t *lengths,
                           int64_t B, int64_t S, int64_t H, int64_t nope, int64_t rope, int64_t v, int64_t r,
                           float scale, uint16_t *out, int threads) {
-    const int64_t W = r + rope, HP = (H + 7) / 8 * 8;
-    int failed = 0;
-#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && B > 1) reduction(| : failed)
-    for (int64_t b = 0; b < B; b++) {
-        const int64_t n = lengths[b], n2 = (n + 1) / 2;
-        // one allocation: rowp [2 n2 + 1] | sc [HP / 8, n2, 16] | acc, o [8, r] | p2 [HP / 8, n2, 8] | q16 | o16
-        char *mem = (char *)malloc((size_t)(2 * n2 + 1) * sizeof(void *) + (size_t)(HP * n2 * 2 + 16 * r) * 4 +
-                                   (size_t)HP * n2 * 4 + (size_t)(HP * W + 8 * r) * 2);
-        if (!mem) {
-            failed = 1;
-            continue;
+    const int64_t W = r + rope, HP = (H + 7) / 8 * 8, r2 = (r + 1) / 2;
+    int64_t *first = (int64_t *)malloc((size_t)(B + 1) * sizeof(int64_t));  // sequence b's units: first[b] ..
+    if (!first) return -1;
+    first[0] = 0;
+    for (int64_t b = 0; b < B; b++)
+        first[b + 1] = first[b] + (lengths[b] > SPLIT_ROWS ? (lengths[b] + CHUNK_ROWS - 1) / CHUNK_ROWS : 1);
+    const int64_t U = first[B];
+    // per unit: its sequence, first row, rows and scores' offset
+    int64_t *unit = (int64_t *)malloc((size_t)(4 * U + 1) * sizeof(int64_t)), offset = 0;
+    if (!unit) { free(first); return -1; }
+    for (int64_t b = 0, u = 0; b < B; b++)
+        for (; u < first[b + 1]; u++) {
+            const int64_t lo = (u - first[b]) * CHUNK_ROWS, left = lengths[b] - lo;
+            unit[4 * u] = b, unit[4 * u + 1] = lo;
+            unit[4 * u + 2] = first[b + 1] - first[b] > 1 && left > CHUNK_ROWS ? CHUNK_ROWS : left;
+            unit[4 * u + 3] = offset;
+            offset += HP * ((unit[4 * u + 2] + 1) / 2) * 2;  // [HP / 8, n2, 16]
         }
-        const uint16_t **rowp = (const uint16_t **)mem;
-        float *sc = (float *)(rowp + 2 * n2 + 1), *acc = sc + HP * n2 * 2, *o = acc + 8 * r;
-        uint32_t *p2 = (uint32_t *)(o + 8 * r);
-        uint16_t *q16 = (uint16_t *)(p2 + HP * n2), *o16 = q16 + HP * W;
-        for (int64_t s = 0; s < n; s++) rowp[s] = cache + (rows ? rows[b * S + s] : start + s) * W;
-        if (n % 2) rowp[n] = rowp[n - 1];
-        decode_pairs_one(q_nope + b * H * nope, q_pe + b * H * rope, wk2, wv2, rowp, n, H, nope, rope, v, r, scale,
-                         q16, sc, p2, acc, o, o16, out + b * H * v);
-        free(mem);
+    // q16 [B, HP, W] | scores of every unit | ml [U, HP, 2] (units') | mls [B, HP, 2] (sequences') | o [U, HP, r]
+    uint16_t *q16 = (uint16_t *)malloc((size_t)(B * HP * W) * sizeof(uint16_t));
+    float *sc = (float *)malloc((size_t)(offset + (U + B) * HP * 2 + U * HP * r) * sizeof(float));
+    float *ml = sc ? sc + offset : NULL, *mls = ml ? ml + U * HP * 2 : NULL, *o = mls ? mls + B * HP * 2 : NULL;
+    int failed = !q16 || !sc;
+#pragma omp parallel num_threads(threads) if (threads > 1 && !failed) reduction(| : failed)
+    {
+        const int ok = q16 && sc;
+#pragma omp for schedule(dynamic)
+        for (int64_t b = 0; b < B; b++)
+            if (ok) query_pairs(q_nope + b * H * nope, q_pe + b * H * rope, wk2, H, nope, rope, r, q16 + b * HP * W);
+        for (int pass = 0; pass < 2; pass++) {  // 0: every unit's scores (and whole sequences to the end); 1: chunks
+#pragma omp for schedule(dynamic)
+            for (int64_t u = 0; u < U; u++) {
+                const int64_t b = unit[4 * u], n = unit[4 * u + 2], n2 = (n + 1) / 2;
+                const int whole = first[b + 1] - first[b] == 1;
+                if (!ok || (pass == 1 && whole)) continue;
+                // rowp [2 n2 + 1] | p2 [HP / 8, n2, 8] | acc [8, r]
+                char *mem = (char *)malloc((size_t)(2 * n2 + 1) * sizeof(void *) + (size_t)(HP * n2 + 8 * r) * 4);
+                if (!mem) {
+                    failed = 1;
+                    continue;
+                }
+                const uint16_t **rowp = (const uint16_t **)mem;
+                uint32_t *p2 = (uint32_t *)(rowp + 2 * n2 + 1);
+                float *acc = (float *)(p2 + HP * n2), *scu = sc + unit[4 * u + 3];
+                unit_rows(cache, rows, start, S, W, b, unit[4 * u + 1], n, rowp);
+                if (pass == 0) {
+                    float *mlu = whole ? mls + b * HP * 2 : ml + u * HP * 2;  // a whole sequence's are its own
+                    scores_pairs(q16 + b * HP * W, rowp, n, HP, W, scale, scu);
+                    for (int64_t hb = 0; hb < HP; hb += 8) block_max_sum(scu + hb / 8 * n2 * 16, n2, mlu + hb * 2);
+                }
+                if (whole || pass == 1) weigh_unit(scu, mls + b * HP * 2, rowp, n, HP, r, p2, acc, o + u * HP * r);
+                free(mem);
+            }
+            if (pass == 0) {
+#pragma omp for schedule(static)
+                for (int64_t b = 0; b < B; b++)  // split sequences: m = max_u m_u, l = sum_u e^(m_u - m) l_u
+                    for (int64_t h = 0; h < HP && first[b + 1] - first[b] > 1; h++) {
+                        float m = -INFINITY, l = 0.0f;
+                        for (int64_t u = first[b]; u < first[b + 1]; u++) m = fmaxf(m, ml[(u * HP + h) * 2]);
+                        for (int64_t u = first[b]; u < first[b + 1]; u++)
+                            l += expf(ml[(u * HP + h) * 2] - m) * ml[(u * HP + h) * 2 + 1];
+                        mls[(b * HP + h) * 2] = m, mls[(b * HP + h) * 2 + 1] = l;
+                    }
+            }
+        }
+#pragma omp for schedule(dynamic)
+        for (int64_t b = 0; b < B; b++) {
+            if (!ok) continue;
+            uint16_t o16[r];
+            for (int64_t h = 0; h < H; h++) {  // out = W_UV bf16(o_lat), o_lat the sum over the sequence's units
+                float *oh = o + (first[b] * HP + h) * r;
+                for (int64_t u = first[b] + 1; u < first[b + 1]; u++)
+                    for (int64_t j = 0; j < r; j++) oh[j] += o[(u * HP + h) * r + j];
+                for (int64_t c = 0; c < r; c += 16) {
+                    const __mmask16 mk = c + 16 <= r ? (__mmask16)0xffff : tail_mask(r);
+                    _mm256_mask_storeu_epi16(o16 + c, mk, to_bf16_ps(_mm512_maskz_loadu_ps(mk, oh + c)));
+                }
+                pair_gemv(o16, r, wv2 + h * r2 * v, v, out + (b * H + h) * v);
+            }
+        }
     }
+    free(first);
+    free(unit);
+    free(q16);
+    free(sc);
     return failed ? -1 : 0;
 }
 
