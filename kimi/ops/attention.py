@@ -20,9 +20,9 @@ from kimi.ops import cpu_kernels
 
 def c_kernel_max_context() -> float:
     """Longest context the C kernel attends over. With AVX512-BF16, any: a context over 2,048 tokens is split into
-    chunks attended in parallel (bench/decode_kernels.py: 1.5-2.5x the torch path from 512 to 32k tokens at bench
-    sizes, torch on two threads). Without, its fp32 multiply-adds lose from ~3k tokens on, and longer contexts keep
-    torch's GEMMs over the gathered context."""
+    chunks attended in parallel (bench/decode_kernels.py: 1.8-4.7x the torch path from 512 to 131,072 tokens at
+    bench sizes, torch on two threads). Without, its fp32 multiply-adds lose from ~3k tokens on, and longer contexts
+    keep torch's GEMMs over the gathered context."""
     return float("inf") if cpu_kernels.bf16_dot() else 2048
 
 

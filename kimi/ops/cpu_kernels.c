@@ -533,7 +533,7 @@ int kimi_mla_decode_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const ui
     float *sc = (float *)malloc((size_t)(offset + (U + B) * HP * 2 + U * HP * r) * sizeof(float));
     float *ml = sc ? sc + offset : NULL, *mls = ml ? ml + U * HP * 2 : NULL, *o = mls ? mls + B * HP * 2 : NULL;
     int failed = !q16 || !sc;
-#pragma omp parallel num_threads(threads) if (threads > 1 && !failed) reduction(| : failed)
+#pragma omp parallel num_threads(threads) if (threads > 1 && U > 1 && !failed) reduction(| : failed)
     {
         const int ok = q16 && sc;
 #pragma omp for schedule(dynamic)
@@ -817,20 +817,23 @@ void kimi_mla_project_one_bf16(const uint16_t *q, int64_t H, int64_t nope, int64
 // One SwiGLU expert on one token: y = down(silu(g) * u) with [g; u] = gate_up x, rounded to bf16 wherever torch's
 // bf16 single-row path rounds (g and u, silu(g), the product, y), then either written to y (bf16) or, when total
 // is given, added to it as total[d] += bf16(y[d] * w) in fp32 (model/moe.py's Experts._one_token).
-// x [D], gate_up [2I, D], down [D, I]; returns 0, or -1 when scratch memory could not be allocated.
+// x [D], gate_up [2I, D], down [D, I]; the rows of each product split between threads as gemv's are (one stream per
+// core: ~1.5x one core's bandwidth on the 2-core dev box). Returns 0, or -1 when scratch memory could not be allocated.
 int kimi_swiglu_one_bf16(const uint16_t *x, int64_t D, const uint16_t *gate_up, const uint16_t *down, int64_t I,
-                         float w, float *total, uint16_t *y) {
+                         float w, float *total, uint16_t *y, int threads) {
     float *buf = (float *)malloc((size_t)(D + I) * sizeof(float));
     uint16_t *tmp = (uint16_t *)malloc((size_t)(2 * I > D ? 2 * I : D) * sizeof(uint16_t));
     if (!buf || !tmp) { free(buf); free(tmp); return -1; }
     float *xf = buf, *h = buf + D;
     for (int64_t i = 0; i < D; i++) xf[i] = from_bf16(x[i]);
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && 2 * I >= 256)
     for (int64_t n = 0; n < 2 * I; n++) row(xf, 1, D, gate_up + n * D, 2 * I, n, tmp);  // [g; u] bf16
     for (int64_t i = 0; i < I; i++) {
         const float g = from_bf16(tmp[i]);
         h[i] = round_bf16(round_bf16(silu(g)) * from_bf16(tmp[I + i]));
     }
     uint16_t *out = total ? tmp : y;
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1 && D >= 256)
     for (int64_t d = 0; d < D; d++) row(h, 1, I, down + d * I, D, d, out);
     if (total)
         for (int64_t d = 0; d < D; d++) total[d] += round_bf16(from_bf16(out[d]) * w);
