@@ -134,15 +134,21 @@ def test_mla_prefill_equals_the_torch_path(T, start, heads, v):
     assert (got == want).float().mean() > 0.5
 
 
+def _plain_packed_fp32(family, seed: int):
+    """The same bf16 weights three ways: a plain model, a packed one (pack_for_cpu), and an fp32 copy to measure both
+    against."""
+    plain = build_model(family(), dtype=torch.bfloat16, seed=seed).eval()
+    packed = build_model(family(), dtype=torch.bfloat16, seed=seed).eval()
+    pack_for_cpu(packed)
+    return plain, packed, build_model(family(), dtype=torch.bfloat16, seed=seed).float().eval()
+
+
 @pytest.mark.parametrize("family", [k2_tiny, kl_tiny])
 def test_packed_prefill_is_close_to_the_plain_model(family):
     """A prompt in one forward (the packed model's MLA layers attend through mla_prefill), and again in two chunks
     (the second over a cached prefix): the packed model's logits stay within bf16 noise of the plain model's,
     measured against an fp32 copy of the same weights."""
-    plain = build_model(family(), dtype=torch.bfloat16, seed=4).eval()
-    packed = build_model(family(), dtype=torch.bfloat16, seed=4).eval()
-    exact = build_model(family(), dtype=torch.bfloat16, seed=4).float().eval()
-    pack_for_cpu(packed)
+    plain, packed, exact = _plain_packed_fp32(family, seed=4)
     tokens = torch.randint(0, plain.config.vocab_size, (1, 70), generator=torch.Generator().manual_seed(1))
     logits = {}
     with torch.inference_mode():
@@ -162,10 +168,7 @@ def test_packed_prefill_is_close_to_the_plain_model(family):
 def test_packed_single_row_decode_steps_are_close_to_the_plain_model(family):
     """Teacher-forced decode, one token at a time (every projection a single row, so gemv runs): a packed model's
     logits stay within bf16 noise of the plain model's, measured against an fp32 copy of the same weights."""
-    plain = build_model(family(), dtype=torch.bfloat16, seed=3).eval()
-    packed = build_model(family(), dtype=torch.bfloat16, seed=3).eval()
-    exact = build_model(family(), dtype=torch.bfloat16, seed=3).float().eval()
-    pack_for_cpu(packed)
+    plain, packed, exact = _plain_packed_fp32(family, seed=3)
     tokens = torch.randint(0, plain.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     logits = {}
     with torch.inference_mode():
