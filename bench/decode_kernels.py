@@ -8,7 +8,10 @@
      CPU has them, and in its fp32 form) vs ops/attention.py's torch path; and the same for a decode batch of 64
      sequences of 256-1,152 tokens in randomly placed 16-row blocks (bench/engine.py's concurrent item, one layer);
      and MLA prefill attention of one chunk (the expanded form, causal; where the CPU has AVX512-BF16): kimi's
-     mla_prefill (kv_b_proj's product included) vs MLA.attend_expanded (torch's SDPA flash attention).
+     mla_prefill (kv_b_proj's product included) vs MLA.attend_expanded (torch's SDPA flash attention). And a MoE
+     block's routed experts (bench/engine.py's: 16 experts of 768 x 512, 2 per token) for 1 to 1,024 tokens: kimi's
+     one-call moe_experts vs the per-expert oneDNN products it replaced (kimi/ops/packed_linear.PackedExperts), over
+     enough layers' experts to fill 256 MiB, so the weights come from memory as in decode.
   3. fp32 models (CPUs without native bf16): y = x W^T for one fp32 row on the same shapes, kimi's gemv_fp32 reading
      a bf16 copy of a bf16-exact weight (kimi/ops/bf16_weights.py) vs torch's fp32 F.linear on the fp32 weight, as
      time per product and the GB/s each reads; the same for 2-128 rows on two shapes
@@ -37,7 +40,8 @@ from kimi.config import ModelConfig
 from kimi.model.mla import MLA, causal_mask
 from kimi.ops import attention, cpu_kernels
 from kimi.ops.bf16_weights import Bf16CopyLinear
-from kimi.ops.packed_linear import _linear, _pack
+from kimi.model.moe import Experts
+from kimi.ops.packed_linear import PackedExperts, _linear, _pack
 
 SHAPES = [(512, 768), (768, 512), (2048, 768), (768, 2048), (32000, 768)]  # [out, in] as in bench/engine.py's model
 CONTEXTS = [100, 512, 2048, 8192]
@@ -158,6 +162,28 @@ def prefill_row(mla: MLA, T: int, start: int) -> dict:
             "speedup": t_torch / t_kernel}
 
 
+def experts_row(tokens: int) -> dict:
+    """One MoE block's routed experts for `tokens` tokens, per layer, over several layers' weights."""
+    cfg = ModelConfig.from_dict(K2_BENCH)
+    E, D, I, k = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    layers = max(1, (256 << 20) // (3 * E * D * I * 2))
+    g = torch.Generator().manual_seed(tokens)
+    stacks = []
+    for _ in range(layers):
+        experts = Experts(E, D, I)
+        for w in experts.parameters():
+            w.data = (torch.randn(w.shape, generator=g) * 0.05).bfloat16()
+        stacks.append((PackedExperts(experts), PackedExperts(experts, tiles=False)))
+    x = torch.randn(tokens, D, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(tokens)])
+    w = torch.rand(tokens, k, generator=g) * 2.5
+    want = stacks[0][1](x, idx, w).float()
+    ok = bool((stacks[0][0](x, idx, w).float() - want).abs().max() <= 2 ** -6 * want.abs().max())
+    t_kernel, t_onednn = (best_of(lambda: [s[i](x, idx, w) for s in stacks]) / layers for i in (0, 1))
+    return {"tokens": tokens, "ms": {"kernel": t_kernel * 1e3, "onednn": t_onednn * 1e3}, "correct": ok,
+            "speedup": t_onednn / t_kernel}
+
+
 def attention_row_fp32(mla: MLA, context: int) -> dict:
     cache, q_nope, q_pe, rows, mask = attention_inputs(mla, context, torch.float32)
 
@@ -238,6 +264,11 @@ def main():
                 for r in res["mla_prefill"]:
                     print(f"MLA prefill, {r['queries']:>4} queries at {r['start']:>4}: kernel {r['ms']['kernel']:6.2f} "
                           f"ms  torch SDPA {r['ms']['torch']:6.2f} ms  ({r['speedup']:.2f}x)"
+                          f"{'' if r['correct'] else '  WRONG'}")
+                res["moe_experts"] = [experts_row(n) for n in (1, 4, 16, 64, 256, 1024)]
+                for r in res["moe_experts"]:
+                    print(f"MoE routed experts, {r['tokens']:>4} tokens: kernel {r['ms']['kernel']:6.3f} ms  oneDNN "
+                          f"per expert {r['ms']['onednn']:6.3f} ms  ({r['speedup']:.2f}x)"
                           f"{'' if r['correct'] else '  WRONG'}")
         if cpu_kernels.fp32_available():
             res["fp32_linear_one_row"] = [linear_row_fp32(s) for s in SHAPES]

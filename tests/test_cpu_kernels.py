@@ -1,6 +1,6 @@
 """kimi's C kernels for CPU decode (kimi/ops/cpu_kernels.py) against their plain twins: gemv against an fp32 product,
 mla_decode against ops/attention.py's torch path, moe_combine bit for bit against Experts._combine's torch
-expression, and a packed model's single-row decode steps against the plain model. Skipped where the kernels cannot
+expression, moe_experts against Experts, and a packed model's single-row decode steps against the plain model. Skipped where the kernels cannot
 run (no AVX-512 or no C compiler)."""
 
 import pytest
@@ -232,6 +232,41 @@ def test_moe_combine_is_bitwise_the_torch_expression(tokens, k, dim):
         assert torch.equal(got, want) and not got[-1].any()
     with pytest.raises(ValueError, match="token"):
         cpu_kernels.moe_combine(y, w, token, tokens - 1 if tokens > 1 else 0)
+
+
+@pytest.mark.skipif(not cpu_kernels.bf16_dot(), reason="moe_experts needs AVX512-BF16")
+@pytest.mark.parametrize("tokens,k,E,D,I", [(1, 2, 16, 64, 32), (3, 8, 16, 128, 96), (70, 2, 8, 192, 64),
+                                            (257, 1, 4, 64, 160)])
+def test_moe_experts_match_the_torch_experts(tokens, k, E, D, I):
+    """The whole routed-experts block in one C call against Experts.forward in bf16 (the same roundings; only the
+    products' fp32 summation order differs), on 1 and 2 threads bit for bit alike; and a token's output does not
+    depend on which other tokens share the call (each row's sums run in one fixed order)."""
+    from kimi.model.moe import Experts
+    g = torch.Generator().manual_seed(tokens)
+    experts = Experts(E, D, I)
+    for w in experts.parameters():
+        w.data = (torch.randn(w.shape, generator=g) * 0.1).bfloat16()
+    x = torch.randn(tokens, D, generator=g).bfloat16()
+    idx = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(tokens)])
+    w = torch.rand(tokens, k, generator=g) * 2.5
+    gate_up, down = cpu_kernels.expert_tiles(experts.gate_proj.data, experts.up_proj.data, experts.down_proj.data)
+    with torch.inference_mode():
+        want = experts(x, idx, w).float()
+    outs = []
+    for threads in (1, 2):
+        with torch_threads(threads):
+            outs.append(cpu_kernels.moe_experts(x, idx, w, gate_up, down))
+    got = outs[0]
+    assert torch.equal(outs[0], outs[1])
+    assert (got.float() - want).abs().max() <= 2 ** -6 * want.abs().max()
+    assert (got.float() == want).float().mean() > 0.8
+    last = cpu_kernels.moe_experts(x[-1:], idx[-1:], w[-1:], gate_up, down)
+    assert torch.equal(last, got[-1:])
+    with pytest.raises(ValueError, match="expert ids"):
+        cpu_kernels.moe_experts(x, idx + E, w, gate_up, down)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        cpu_kernels.expert_tiles(experts.gate_proj.data[:, :, :48], experts.up_proj.data[:, :, :48],
+                                 experts.down_proj.data[:, :48])
 
 
 @pytest.mark.parametrize("groups", [(1, 1), (4, 2)])

@@ -2,8 +2,9 @@
 // and bf16 GEMV speed set the pace. Built and loaded by kimi/ops/cpu_kernels.py (plain C with AVX-512F intrinsics;
 // no torch headers, so it compiles in about a second). Every tensor is bf16 stored as uint16, sums are fp32, and each
 // kernel rounds to bf16 where the torch path it replaces rounds, so the two differ only in fp32 summation order.
-// In file order: gemv, MLA absorbed decode attention, RMSNorm, MLA's projection tail for one token, one token's
-// SwiGLU expert, one token's MoE routing, KDA decode of single tokens.
+// In file order: gemv, MLA absorbed decode attention, MLA prefill attention, RMSNorm, MLA's projection tail for one
+// token, one token's SwiGLU expert, the MoE combine, a MoE block's routed experts, one token's MoE routing, KDA
+// decode of single tokens.
 //
 // gemv: y = x W^T. x [M, K], W [N, K] (row-major, one output feature per row), y [M, N].
 // Products are exact in fp32 (bf16 has an 8-bit significand), accumulated in fp32 along K in 4 x 16 lanes, reduced,
@@ -873,6 +874,151 @@ int kimi_moe_combine_bf16(const uint16_t *y, const float *w, const int64_t *toke
     }
     free(start);
     free(rows);
+    return 0;
+}
+
+// A MoE block's routed experts, all of them in one call, in bf16 pair products. oneDNN's per-expert GEMMs cost ~90 us
+// per expert matrix at 1 to 16 rows on the dev box (8.5 GB/s of weight) and a Python round trip each; these tiles
+// stream each weight tile once per 4 rows of x, sequentially (software prefetch only slowed them), and reach ~84%
+// of one core's vdpbf16ps peak at 128 rows per expert. Weights in tile-major pairs:
+//   gu [E, I / 32, D / 2, 64] pairs: tile b holds gate columns 32b.. 32b + 31 then the same up columns, pair p =
+//      (W[col][2p], W[col][2p + 1]); one tile's pairs are one contiguous run
+//   dn [E, D / 64, I / 2, 64] pairs of down_proj the same way.
+// x [N, D] bf16, idx [N, k] expert ids, w [N, k] fp32 -> out [N, D] bf16, in model/moe.py's arithmetic: per expert
+// g, u = bf16(x Wg^T), bf16(x Wu^T); h = bf16(bf16(silu(g)) * u); y = bf16(h Wd^T); then each token's fp32 sum of
+// bf16(y * w) over its experts in increasing id (index_add_'s order after the stable sort), rounded once. Each row's
+// sums run in one fixed order, so a token's output does not depend on the other tokens or the threads.
+// D a multiple of 64, I of 32. Returns 0, or -1 when scratch memory could not be allocated.
+#define XR 4  // rows of x per tile pass: 4 x 4 accumulators
+
+// acc[r][c] += x_r . W tile columns 16c.. for r < R, c < 4: x_r bf16 rows (read as pairs), w2 [K2, 64] pairs
+BF16_DOT static inline __attribute__((always_inline)) void expert_tile(const uint32_t *const *xr, int R,
+                                                                       const uint32_t *w2, int64_t K2,
+                                                                       __m512 acc[XR][4]) {
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+    for (int64_t p = 0; p < K2; p++) {
+        const uint32_t *w = w2 + p * 64;
+        const __m512bh w0 = (__m512bh)_mm512_loadu_si512(w), w1 = (__m512bh)_mm512_loadu_si512(w + 16);
+        const __m512bh w2_ = (__m512bh)_mm512_loadu_si512(w + 32), w3 = (__m512bh)_mm512_loadu_si512(w + 48);
+        for (int r = 0; r < R; r++) {
+            const __m512bh xp = (__m512bh)_mm512_set1_epi32((int)xr[r][p]);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xp, w0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xp, w1);
+            acc[r][2] = _mm512_dpbf16_ps(acc[r][2], xp, w2_);
+            acc[r][3] = _mm512_dpbf16_ps(acc[r][3], xp, w3);
+        }
+    }
+}
+
+// silu as torch computes it on a bf16 tensor (in fp32, rounded once): g / (1 + e^-g)
+static inline __m512 silu_ps(__m512 g) {
+    return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+}
+
+// h rows [rows of one expert] x 32 columns of tile b: R rows at a time
+BF16_DOT static void gate_up_tile(const uint32_t *const *xr, int64_t n, const uint32_t *tile, int64_t D2, int64_t b,
+                                  uint16_t *const *hr) {
+    __m512 acc[XR][4];
+    for (int64_t r0 = 0; r0 < n; r0 += XR) {
+        const int R = n - r0 < XR ? (int)(n - r0) : XR;
+        switch (R) {  // constant R: the tile's loops unroll
+            case 1: expert_tile(xr + r0, 1, tile, D2, acc); break;
+            case 2: expert_tile(xr + r0, 2, tile, D2, acc); break;
+            case 3: expert_tile(xr + r0, 3, tile, D2, acc); break;
+            default: expert_tile(xr + r0, XR, tile, D2, acc);
+        }
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < 2; c++) {  // acc[r][c]: gate columns 32b + 16c.., acc[r][c + 2] their up columns
+                const __m512 g = round_bf16_ps(acc[r][c]), u = round_bf16_ps(acc[r][c + 2]);
+                const __m512 h = _mm512_mul_ps(round_bf16_ps(silu_ps(g)), u);
+                _mm256_storeu_si256((__m256i *)(hr[r0 + r] + 32 * b + 16 * c), to_bf16_ps(h));
+            }
+    }
+}
+
+// y rows x 64 columns of tile b of down_proj
+BF16_DOT static void down_tile(const uint32_t *const *hr, int64_t n, const uint32_t *tile, int64_t I2, int64_t D,
+                               int64_t b, uint16_t *y) {
+    __m512 acc[XR][4];
+    for (int64_t r0 = 0; r0 < n; r0 += XR) {
+        const int R = n - r0 < XR ? (int)(n - r0) : XR;
+        switch (R) {
+            case 1: expert_tile(hr + r0, 1, tile, I2, acc); break;
+            case 2: expert_tile(hr + r0, 2, tile, I2, acc); break;
+            case 3: expert_tile(hr + r0, 3, tile, I2, acc); break;
+            default: expert_tile(hr + r0, XR, tile, I2, acc);
+        }
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < 4; c++)
+                _mm256_storeu_si256((__m256i *)(y + (r0 + r) * D + 64 * b + 16 * c), to_bf16_ps(acc[r][c]));
+    }
+}
+
+int kimi_moe_experts_pairs(const uint16_t *x, int64_t N, int64_t D, const int64_t *idx, const float *w, int64_t k,
+                           const uint32_t *gu, const uint32_t *dn, int64_t E, int64_t I, uint16_t *out, int threads) {
+    const int64_t M = N * k, D2 = D / 2, I2 = I / 2, gt = I / 32, dt = D / 64;
+    int64_t *start = (int64_t *)calloc((size_t)(2 * E + 1), sizeof(int64_t)), *fill = start + E + 1;
+    int64_t *pair = (int64_t *)malloc((size_t)(2 * M) * sizeof(int64_t)), *row = pair + M;
+    const uint32_t **xr = (const uint32_t **)malloc((size_t)M * sizeof(void *));  // row -> its x row, as pairs
+    uint16_t **hr = (uint16_t **)malloc((size_t)M * sizeof(void *));              // row -> its h row
+    uint16_t *h = (uint16_t *)malloc((size_t)(M * I) * sizeof(uint16_t));
+    uint16_t *y = (uint16_t *)malloc((size_t)(M * D) * sizeof(uint16_t));
+    int64_t *items = (int64_t *)malloc((size_t)E * sizeof(int64_t));  // the experts with rows
+    if (!start || !pair || !xr || !hr || !h || !y || !items) {
+        free(start); free(pair); free(xr); free(hr); free(h); free(y); free(items);
+        return -1;
+    }
+    // rows grouped by expert, (token, slot) order within: pair[row] = t * k + j, row[t * k + j] = row
+    for (int64_t i = 0; i < M; i++) start[idx[i] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    memcpy(fill, start, (size_t)E * sizeof(int64_t));
+    for (int64_t i = 0; i < M; i++) {
+        const int64_t rw = fill[idx[i]]++;
+        pair[rw] = i;
+        row[i] = rw;
+    }
+    for (int64_t rw = 0; rw < M; rw++) {
+        xr[rw] = (const uint32_t *)(x + (pair[rw] / k) * D);
+        hr[rw] = h + rw * I;
+    }
+    int64_t active = 0;
+    for (int64_t e = 0; e < E; e++)
+        if (start[e + 1] > start[e]) items[active++] = e;
+    const int64_t n_gu = active * gt, n_dn = active * dt;  // work items: (expert, tile)
+#pragma omp parallel num_threads(threads) if (threads > 1)
+    {
+#pragma omp for schedule(dynamic)
+        for (int64_t u = 0; u < n_gu; u++) {
+            const int64_t e = items[u / gt], b = u % gt, r0 = start[e];
+            gate_up_tile(xr + r0, start[e + 1] - r0, gu + (e * gt + b) * D2 * 64, D2, b, hr + r0);
+        }
+#pragma omp for schedule(dynamic)
+        for (int64_t u = 0; u < n_dn; u++) {
+            const int64_t e = items[u / dt], b = u % dt, r0 = start[e];
+            down_tile((const uint32_t *const *)(hr + r0), start[e + 1] - r0, dn + (e * dt + b) * I2 * 64, I2, D, b,
+                      y + r0 * D);
+        }
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < N; t++) {
+            int64_t j_by_id[64];  // this token's slots by increasing expert id (k <= 64)
+            for (int64_t j = 0; j < k; j++) {
+                int64_t a = j;
+                while (a > 0 && idx[t * k + j_by_id[a - 1]] > idx[t * k + j]) { j_by_id[a] = j_by_id[a - 1]; a--; }
+                j_by_id[a] = j;
+            }
+            for (int64_t d = 0; d < D; d += 16) {
+                __m512 acc = _mm512_setzero_ps();
+                for (int64_t a = 0; a < k; a++) {
+                    const int64_t i = t * k + j_by_id[a];
+                    const __m512 v = _mm512_mul_ps(load_bf16(y + row[i] * D + d), _mm512_set1_ps(w[i]));
+                    acc = _mm512_add_ps(acc, round_bf16_ps(v));
+                }
+                _mm256_storeu_si256((__m256i *)(out + t * D + d), to_bf16_ps(acc));
+            }
+        }
+    }
+    free(start); free(pair); free(xr); free(hr); free(h); free(y); free(items);
     return 0;
 }
 
