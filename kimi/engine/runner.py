@@ -17,6 +17,7 @@ from kimi.engine.state_pool import StatePool
 from kimi.model.model import Transformer
 from kimi.ops import sampling
 from kimi.ops.attention import context_rows, contiguous
+from kimi.ops.one_token import OneTokenDecoder
 
 # Single-token queries are attended DECODE_GROUP at a time, grouped by context length: each group's gather is padded
 # to its longest context, so one group of 64 mixed lengths would gather ~1.6x the rows that 4 sorted groups do.
@@ -39,6 +40,8 @@ class ModelRunner:
         # where a decode batch's contexts are gathered, every MLA layer of every step: grown to the largest batch
         # seen (B * longest context rows), never shrunk
         self.gather_buffer = torch.empty(0, width, dtype=model.dtype, device=self.device)
+        # batch-1 decode as one flat program of C calls, where the packed model allows (kimi/ops/one_token.py)
+        self.one_token = OneTokenDecoder.build(model, self.kv_cache, self.mla_row, self.states)
 
     def block_bytes(self) -> int:
         return self.kv_cache[:, :self.block_size].numel() * self.kv_cache.element_size()
@@ -59,6 +62,13 @@ class ModelRunner:
                 sample_rows.append(len(ids) - 1)
                 to_sample.append(seq)
         N, S = len(ids), len(scheduled)
+        if N == 1 and self.one_token is not None:  # one sequence, one token: the flat program, same logits
+            seq, c, table = scheduled[0][0], starts[0], tables[0]
+            rows = contiguous(table, c + 1, bs)
+            logits = self.one_token(ids[0], c, table[c // bs] * bs + c % bs,
+                                    context_rows([table], [c + 1], bs, dev)[0] if rows is None else rows,
+                                    seq.state_slot)
+            return to_sample, logits if to_sample else torch.empty(0, self.config.vocab_size)
         single = [i for i, n in enumerate(counts) if n == 1]
         decode_only = len(single) == S
         if decode_only:  # a token per sequence: its position and cache row straight from the lists (batch-1 decode

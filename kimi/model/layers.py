@@ -94,14 +94,18 @@ class Rotary(nn.Module):
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: int [...] -> cos, sin: fp32 [..., dim/2]."""
-        need = int(positions.max()) + 1 if positions.numel() else 1
-        if self._cos is None or self._cos.shape[0] < need or self._cos.device != positions.device:
+        cos, sin = self.table(int(positions.max()) + 1 if positions.numel() else 1, positions.device)
+        return cos[positions], sin[positions]
+
+    def table(self, need: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole cos, sin tables, fp32 [>= need positions, dim/2] on `device` (row p: position p)."""
+        if self._cos is None or self._cos.shape[0] < need or self._cos.device != torch.device(device):
             n = max(need, 2 * self._cos.shape[0] if self._cos is not None else 4096)
             freqs, factor = rope_frequencies(self.dim, self.theta, self.yarn)
             angles = torch.arange(n, dtype=torch.float32)[:, None] * freqs[None, :]
-            self._cos = (angles.cos() * factor).to(positions.device)
-            self._sin = (angles.sin() * factor).to(positions.device)
-        return self._cos[positions], self._sin[positions]
+            self._cos = (angles.cos() * factor).to(device)
+            self._sin = (angles.sin() * factor).to(device)
+        return self._cos, self._sin
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

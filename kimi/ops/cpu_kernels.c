@@ -787,6 +787,15 @@ void kimi_rmsnorm_bf16(const uint16_t *x, int64_t M, int64_t D, const uint16_t *
     }
 }
 
+// out = bf16(a + b), n values: torch's bf16 add (the sum in fp32, rounded once); out may be a
+void kimi_add_bf16(const uint16_t *a, const uint16_t *b, int64_t n, uint16_t *out) {
+    for (int64_t i = 0; i < n; i += 16) {
+        const __mmask16 m = i + 16 <= n ? (__mmask16)0xffff : tail_mask(n);
+        _mm256_mask_storeu_epi16(out + i, m, to_bf16_ps(_mm512_add_ps(load_bf16_tail(a + i, m),
+                                                                      load_bf16_tail(b + i, m))));
+    }
+}
+
 // rotate interleaved pairs (x[2j], x[2j+1]) of one bf16 vector by angle j and write them de-interleaved, [rotated
 // evens | rotated odds] (model/layers.py's apply_rope: fp32 products, rounded to bf16 once); cos, sin [dim / 2]
 static void rope_one(const uint16_t *x, int64_t dim, const float *cos, const float *sin, uint16_t *y) {

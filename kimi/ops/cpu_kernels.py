@@ -135,6 +135,7 @@ def _library() -> ctypes.CDLL | None:
                                    _i64, _f32, _ptr, _int], _int),
         "kimi_swiglu_one_bf16": ([_ptr, _i64, _ptr, _ptr, _i64, _f32, _ptr, _ptr, _int], _int),
         "kimi_moe_combine_bf16": ([_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _int], _int),
+        "kimi_add_bf16": ([_ptr, _ptr, _i64, _ptr], None),
         "kimi_moe_experts_pairs": ([_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _int], _int),
     })
 
