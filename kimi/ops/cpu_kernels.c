@@ -431,19 +431,17 @@ BF16_DOT static void probability_pairs(const float *x, int64_t n2, const float *
 #define SPLIT_ROWS 2048
 #define CHUNK_ROWS 1024
 
-// q16 [HP, W] = [bf16(W_UK^T q_nope), q_pe] for one sequence's q_nope [H, nope], q_pe [H, rope] (zero past H)
-BF16_DOT static void query_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const uint32_t *wk2, int64_t H,
-                                 int64_t nope, int64_t rope, int64_t r, uint16_t *q16) {
-    const int64_t W = r + rope, HP = (H + 7) / 8 * 8, nope2 = (nope + 1) / 2;
-    for (int64_t h = 0; h < HP; h++) {
-        uint16_t *qh = q16 + h * W;
-        if (h >= H) {
-            for (int64_t j = 0; j < W; j++) qh[j] = 0;
-            continue;
-        }
-        pair_gemv(q_nope + h * nope, nope, wk2 + h * nope2 * r, r, qh);
-        for (int64_t j = 0; j < rope; j++) qh[r + j] = q_pe[h * rope + j];
+// row h of q16 [HP, W] = [bf16(W_UK^T q_nope), q_pe] for one sequence's q_nope [H, nope], q_pe [H, rope] (zero past H)
+BF16_DOT static void query_head(const uint16_t *q_nope, const uint16_t *q_pe, const uint32_t *wk2, int64_t H,
+                                int64_t h, int64_t nope, int64_t rope, int64_t r, uint16_t *q16) {
+    const int64_t W = r + rope, nope2 = (nope + 1) / 2;
+    uint16_t *qh = q16 + h * W;
+    if (h >= H) {
+        for (int64_t j = 0; j < W; j++) qh[j] = 0;
+        return;
     }
+    pair_gemv(q_nope + h * nope, nope, wk2 + h * nope2 * r, r, qh);
+    for (int64_t j = 0; j < rope; j++) qh[r + j] = q_pe[h * rope + j];
 }
 
 // sc [HP / 8, n_even / 2, 16] = bf16(q16 . row_s) * scale over n rows rowp [n rounded up to even] (a pad row repeats
@@ -534,12 +532,13 @@ int kimi_mla_decode_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const ui
     float *sc = (float *)malloc((size_t)(offset + (U + B) * HP * 2 + U * HP * r) * sizeof(float));
     float *ml = sc ? sc + offset : NULL, *mls = ml ? ml + U * HP * 2 : NULL, *o = mls ? mls + B * HP * 2 : NULL;
     int failed = !q16 || !sc;
-#pragma omp parallel num_threads(threads) if (threads > 1 && U > 1 && !failed) reduction(| : failed)
+#pragma omp parallel num_threads(threads) if (threads > 1 && (U > 1 || H > 1) && !failed) reduction(| : failed)
     {
         const int ok = q16 && sc;
-#pragma omp for schedule(dynamic)
-        for (int64_t b = 0; b < B; b++)
-            if (ok) query_pairs(q_nope + b * H * nope, q_pe + b * H * rope, wk2, H, nope, rope, r, q16 + b * HP * W);
+#pragma omp for schedule(static)  // per head: one sequence's W_UK and W_UV reads are shared out too
+        for (int64_t bh = 0; bh < B * HP; bh++)
+            if (ok) query_head(q_nope + bh / HP * H * nope, q_pe + bh / HP * H * rope, wk2, H, bh % HP, nope, rope, r,
+                               q16 + bh / HP * HP * W);
         for (int pass = 0; pass < 2; pass++) {  // 0: every unit's scores (and whole sequences to the end); 1: chunks
 #pragma omp for schedule(dynamic)
             for (int64_t u = 0; u < U; u++) {
@@ -576,20 +575,19 @@ int kimi_mla_decode_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const ui
                     }
             }
         }
-#pragma omp for schedule(dynamic)
-        for (int64_t b = 0; b < B; b++) {
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; bh++) {  // out = W_UV bf16(o_lat), o_lat the sum over the sequence's units
             if (!ok) continue;
+            const int64_t b = bh / H, h = bh % H;
             uint16_t o16[r];
-            for (int64_t h = 0; h < H; h++) {  // out = W_UV bf16(o_lat), o_lat the sum over the sequence's units
-                float *oh = o + (first[b] * HP + h) * r;
-                for (int64_t u = first[b] + 1; u < first[b + 1]; u++)
-                    for (int64_t j = 0; j < r; j++) oh[j] += o[(u * HP + h) * r + j];
-                for (int64_t c = 0; c < r; c += 16) {
-                    const __mmask16 mk = c + 16 <= r ? (__mmask16)0xffff : tail_mask(r);
-                    _mm256_mask_storeu_epi16(o16 + c, mk, to_bf16_ps(_mm512_maskz_loadu_ps(mk, oh + c)));
-                }
-                pair_gemv(o16, r, wv2 + h * r2 * v, v, out + (b * H + h) * v);
+            float *oh = o + (first[b] * HP + h) * r;
+            for (int64_t u = first[b] + 1; u < first[b + 1]; u++)
+                for (int64_t j = 0; j < r; j++) oh[j] += o[(u * HP + h) * r + j];
+            for (int64_t c = 0; c < r; c += 16) {
+                const __mmask16 mk = c + 16 <= r ? (__mmask16)0xffff : tail_mask(r);
+                _mm256_mask_storeu_epi16(o16 + c, mk, to_bf16_ps(_mm512_maskz_loadu_ps(mk, oh + c)));
             }
+            pair_gemv(o16, r, wv2 + h * r2 * v, v, out + (b * H + h) * v);
         }
     }
     free(first);
