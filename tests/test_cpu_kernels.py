@@ -191,11 +191,15 @@ def test_rms_norm_matches_the_model_norm():
         norm = RMSNorm(d, 1e-6).bfloat16()
         with torch.no_grad():
             norm.weight.copy_(torch.randn(d, generator=g))
-        x = (torch.randn(3, d, generator=g) * 7).bfloat16()
-        with torch.inference_mode():
-            got, want = cpu_kernels.rms_norm(x, norm.weight, 1e-6), norm(x)
-        assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
-        assert (got == want).float().mean() > 0.95
+        for rows in (1, 3, 100):  # from 16 rows on, split between threads: each row the same on 1 or 2
+            x = (torch.randn(rows, d, generator=g) * 7).bfloat16()
+            with torch.inference_mode():
+                got, want = cpu_kernels.rms_norm(x, norm.weight, 1e-6), norm(x)
+                with torch_threads(1):
+                    assert torch.equal(cpu_kernels.rms_norm(x, norm.weight, 1e-6), got)
+                assert torch.equal(cpu_kernels.rms_norm(x[-1:], norm.weight, 1e-6), got[-1:])
+            assert (got.float() - want.float()).abs().max() <= 2 ** -7 * want.float().abs().max()
+            assert (got == want).float().mean() > 0.95
 
 
 def test_swiglu_matches_the_torch_single_row_path():

@@ -136,6 +136,7 @@ def _library() -> ctypes.CDLL | None:
         "kimi_swiglu_one_bf16": ([_ptr, _i64, _ptr, _ptr, _i64, _f32, _ptr, _ptr, _int], _int),
         "kimi_moe_combine_bf16": ([_ptr, _ptr, _ptr, _i64, _i64, _i64, _ptr, _int], _int),
         "kimi_add_bf16": ([_ptr, _ptr, _i64, _ptr], None),
+        "kimi_rmsnorm_rows_bf16": ([_ptr, _i64, _i64, _ptr, _f32, _ptr, _int], None),
         "kimi_moe_experts_pairs": ([_ptr, _i64, _i64, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _ptr, _int], _int),
     })
 
@@ -439,8 +440,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     lib = _library_for(x.dtype)
     x = x.contiguous()
     y = torch.empty_like(x)
+    M = x.numel() // D
+    if x.dtype == torch.bfloat16 and M > 1:  # rows split between threads
+        lib.kimi_rmsnorm_rows_bf16(x.data_ptr(), M, D, weight.data_ptr(), eps, y.data_ptr(), torch.get_num_threads())
+        return y
     norm = lib.kimi_rmsnorm_f32 if x.dtype == torch.float32 else lib.kimi_rmsnorm_bf16
-    norm(x.data_ptr(), x.numel() // D, D, weight.data_ptr(), eps, y.data_ptr())
+    norm(x.data_ptr(), M, D, weight.data_ptr(), eps, y.data_ptr())
     return y
 
 
