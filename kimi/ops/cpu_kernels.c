@@ -663,6 +663,24 @@ BF16_DOT static inline __attribute__((always_inline)) void pv_block(const uint32
         for (int z = 0; z < nz; z++) _mm512_storeu_ps(o + i * ld + 16 * z, acc[i][z]);
 }
 
+// lane i < 8 of the result: the max (max8) or sum (sum8) of v[i]'s 16 lanes; lanes 8-15 repeat lanes 0-7. A
+// transposing tree as sums16's: 24 shuffles and ops where 8 separate reductions take ~64, in a long chain each.
+#define REDUCE8(name, op)                                                                                           \
+    static inline __m512 name(const __m512 v[8]) {                                                                \
+        __m512 b[4], c[2];                                                                                        \
+        for (int k = 0; k < 4; k++)                                                                               \
+            b[k] = op(_mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]), _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]));   \
+        for (int k = 0; k < 2; k++) {                                                                             \
+            const __m512d x = _mm512_castps_pd(b[2 * k]), y = _mm512_castps_pd(b[2 * k + 1]);                     \
+            c[k] = op(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));    \
+        }                                                                                                         \
+        const __m512 d = op(_mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(2, 0, 2, 0)),                            \
+                            _mm512_shuffle_f32x4(c[0], c[1], _MM_SHUFFLE(3, 1, 3, 1)));                           \
+        return op(_mm512_shuffle_f32x4(d, d, _MM_SHUFFLE(2, 0, 2, 0)), _mm512_shuffle_f32x4(d, d, _MM_SHUFFLE(3, 1, 3, 1))); \
+    }
+REDUCE8(max8, _mm512_max_ps)
+REDUCE8(sum8, _mm512_add_ps)
+
 // one tile row block: queries t0 .. t0 + PQ - 1 of head h -> out rows (bf16)
 BF16_DOT static void prefill_tile(const uint16_t *q_nope, const uint16_t *q_pe, const uint32_t *kp,
                                   const uint32_t *vp, int64_t t0, int64_t T, int64_t start, int64_t S, int64_t H,
@@ -680,9 +698,9 @@ BF16_DOT static void prefill_tile(const uint16_t *q_nope, const uint16_t *q_pe, 
             memset(qi, 0, (size_t)dq * 2);
         }
     }
-    float m[PQ], l[PQ];
+    float m[2 * PQ], l[2 * PQ];  // per query (lanes 8-15: copies of 0-7, from max8 and sum8)
     uint32_t p2[PQ][PK / 2];
-    for (int64_t i = 0; i < PQ; i++) m[i] = -INFINITY, l[i] = 0.0f;
+    for (int64_t i = 0; i < 2 * PQ; i++) m[i] = -INFINITY, l[i] = 0.0f;
     for (int64_t i = 0; i < PQ * dv; i++) o[i] = 0.0f;
     const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     for (int64_t kb = 0; kb < nkb; kb++) {
@@ -692,28 +710,37 @@ BF16_DOT static void prefill_tile(const uint16_t *q_nope, const uint16_t *q_pe, 
         for (int64_t d2 = 0; d2 < D2; d2++) {
             const __m512bh k0 = (__m512bh)_mm512_loadu_si512(k + d2 * PK);
             const __m512bh k1 = (__m512bh)_mm512_loadu_si512(k + d2 * PK + 16);
-            for (int i = 0; i < PQ; i++) {
-                const __m512bh q = (__m512bh)_mm512_set1_epi32((int)qt[i * D2 + d2]);
-                a[i][0] = _mm512_dpbf16_ps(a[i][0], q, k0);
-                a[i][1] = _mm512_dpbf16_ps(a[i][1], q, k1);
+            for (int i = 0; i < PQ; i++) {  // the query pair last: a broadcast operand folded into the product
+                a[i][0] = _mm512_dpbf16_ps(a[i][0], k0, (__m512bh)_mm512_set1_epi32((int)qt[i * D2 + d2]));
+                a[i][1] = _mm512_dpbf16_ps(a[i][1], k1, (__m512bh)_mm512_set1_epi32((int)qt[i * D2 + d2]));
             }
         }
-        float alpha[PQ];
-        for (int i = 0; i < PQ; i++) {  // online softmax: query i sees keys up to start + t0 + i (and < S)
-            const int64_t lim = (i < nq ? start + t0 + i : start + t0) - kb * PK;  // last visible key in this block
-            const __mmask16 v0 = _mm512_cmple_epi32_mask(iota, _mm512_set1_epi32((int)(lim < 15 ? lim : 15)));
-            const __mmask16 v1 = _mm512_cmple_epi32_mask(iota, _mm512_set1_epi32((int)(lim < 31 ? lim - 16 : 15)));
-            const __m512 s0 = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), v0, a[i][0], _mm512_set1_ps(scale));
-            const __m512 s1 = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), v1, a[i][1], _mm512_set1_ps(scale));
-            const float mx = fmaxf(m[i], _mm512_reduce_max_ps(_mm512_max_ps(s0, s1)));
-            alpha[i] = expf(m[i] - mx);  // 0 on the first block (m = -inf)
-            m[i] = mx;
-            const __m512 e0 = _mm512_maskz_mov_ps(v0, exp_ps(_mm512_sub_ps(s0, _mm512_set1_ps(mx))));
-            const __m512 e1 = _mm512_maskz_mov_ps(v1, exp_ps(_mm512_sub_ps(s1, _mm512_set1_ps(mx))));
-            l[i] = l[i] * alpha[i] + _mm512_reduce_add_ps(_mm512_add_ps(e0, e1));
+        // online softmax, the 8 queries together: query i sees keys up to start + t0 + i (and < S); whole blocks
+        // below the diagonal need no mask
+        const int64_t lim0 = start + t0 - kb * PK;  // the last key query 0 sees, in this block's numbering
+        __m512 s[PQ][2], r[PQ];
+        __mmask16 v[PQ][2];
+        for (int i = 0; i < PQ; i++) {
+            const int64_t lim = i < nq ? lim0 + i : lim0;
+            v[i][0] = lim >= 15 ? (__mmask16)0xffff : _mm512_cmple_epi32_mask(iota, _mm512_set1_epi32((int)lim));
+            v[i][1] = lim >= 31 ? (__mmask16)0xffff : _mm512_cmple_epi32_mask(iota, _mm512_set1_epi32((int)(lim - 16)));
+            for (int c = 0; c < 2; c++)
+                s[i][c] = _mm512_mask_mul_ps(_mm512_set1_ps(-INFINITY), v[i][c], a[i][c], _mm512_set1_ps(scale));
+            r[i] = _mm512_max_ps(s[i][0], s[i][1]);
+        }
+        const __m512 m_old = _mm512_loadu_ps(m), m_new = _mm512_max_ps(m_old, max8(r));  // lanes 0-7 (8-15 copies)
+        float alpha[2 * PQ];  // e^(m_old - m_new): 0 on the first block (m_old = -inf)
+        _mm512_storeu_ps(alpha, exp_ps(_mm512_sub_ps(m_old, m_new)));
+        _mm512_storeu_ps(m, m_new);
+        for (int i = 0; i < PQ; i++) {
+            const __m512 mi = _mm512_set1_ps(m[i]);
+            const __m512 e0 = _mm512_maskz_mov_ps(v[i][0], exp_ps(_mm512_sub_ps(s[i][0], mi)));
+            const __m512 e1 = _mm512_maskz_mov_ps(v[i][1], exp_ps(_mm512_sub_ps(s[i][1], mi)));
+            r[i] = _mm512_add_ps(e0, e1);
             _mm256_storeu_si256((__m256i *)p2[i], (__m256i)_mm512_cvtneps_pbh(e0));
             _mm256_storeu_si256((__m256i *)(p2[i] + 8), (__m256i)_mm512_cvtneps_pbh(e1));
         }
+        _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), _mm512_loadu_ps(alpha), sum8(r)));
         const uint32_t *vb = vp + kb * PK / 2 * dv;
         for (int64_t i0 = 0; i0 < PQ; i0 += 4)  // o[i] = alpha o[i] + p[i] v, 4 queries x 64 columns at a time
             for (int64_t c0 = 0; c0 < dv; c0 += 64) {
