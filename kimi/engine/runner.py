@@ -16,11 +16,12 @@ from kimi.engine.sequence import Sequence
 from kimi.engine.state_pool import StatePool
 from kimi.model.model import Transformer
 from kimi.ops import sampling
-from kimi.ops.attention import context_rows, contiguous
+from kimi.ops.attention import context_rows, contiguous, kernel_attends
 from kimi.ops.one_token import OneTokenDecoder
 
-# Single-token queries are attended DECODE_GROUP at a time, grouped by context length: each group's gather is padded
-# to its longest context, so one group of 64 mixed lengths would gather ~1.6x the rows that 4 sorted groups do.
+# Single-token queries are attended DECODE_GROUP at a time, grouped by context length, where attention gathers each
+# group's contexts padded to its longest (torch's path): one group of 64 mixed lengths would gather ~1.6x the rows
+# that 4 sorted groups do. Where the C kernel reads each context in place (attention.kernel_attends), all go as one.
 DECODE_GROUP = 16
 
 
@@ -86,10 +87,13 @@ class ModelRunner:
             slot_mapping = bt[seq_of, positions // bs] * bs + positions % bs
         state_slots = torch.tensor([seq.state_slot for seq, _ in scheduled], dtype=torch.long, device=dev)
         decode = []
-        if len(single) > DECODE_GROUP:  # shortest contexts first, so each group pads little (rows gathered ~ b*S)
+        size = DECODE_GROUP
+        if single and kernel_attends(self.kv_cache, max(starts[i] for i in single) + 1):
+            size = len(single)
+        elif len(single) > DECODE_GROUP:  # shortest contexts first, so each group pads little (rows gathered ~ b*S)
             single.sort(key=lambda i: starts[i])
-        for g in range(0, len(single), DECODE_GROUP):
-            group = single[g:g + DECODE_GROUP]
+        for g in range(0, len(single), size):
+            group = single[g:g + size]
             lengths = [starts[i] + 1 for i in group]
             span = contiguous(tables[group[0]], lengths[0], bs) if len(group) == 1 else None
             if span is not None:

@@ -26,6 +26,13 @@ def c_kernel_max_context() -> float:
     return float("inf") if cpu_kernels.bf16_dot() else 2048
 
 
+def kernel_attends(cache: torch.Tensor, context: int) -> bool:
+    """Whether paged_decode runs a bf16 batch over contexts of up to `context` tokens as one C call (no gather: each
+    sequence reads its own rows, so batching sequences of any lengths together costs no padding)."""
+    return (cache.dtype == torch.bfloat16 and cache.device.type == "cpu" and cpu_kernels.available()
+            and context <= c_kernel_max_context())
+
+
 def contiguous(table: list[int], num_tokens: int, block_size: int) -> slice | None:
     """The rows of a sequence's first num_tokens tokens as one slice, when its blocks are consecutive."""
     n = -(-num_tokens // block_size)
@@ -60,8 +67,7 @@ def paged_decode(mla, q_nope: torch.Tensor, q_pe: torch.Tensor, cache: torch.Ten
     overhead; this code is its twin); in fp32, where kv_b_proj has a bf16 copy (kimi/ops/bf16_weights.py), so is
     its fp32 form, at any context: it splits long ones into chunks attended in parallel (1.2-2.6x this path from 100
     to 32,768 tokens on a 2-core EPYC, one thread or two, bench/decode_kernels.py)."""
-    if (cache.dtype == torch.bfloat16 and cache.device.type == "cpu" and cpu_kernels.available()
-            and mask.shape[1] <= c_kernel_max_context()):
+    if kernel_attends(cache, mask.shape[1]):
         return cpu_kernels.mla_decode(mla, q_nope, q_pe, cache, rows, mask.sum(1))
     if (cache.dtype == torch.float32 and cache.device.type == "cpu" and hasattr(mla.kv_b_proj, "plain")
             and cpu_kernels.fp32_available()):
