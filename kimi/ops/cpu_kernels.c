@@ -444,6 +444,37 @@ BF16_DOT static void query_head(const uint16_t *q_nope, const uint16_t *q_pe, co
     for (int64_t j = 0; j < rope; j++) qh[r + j] = q_pe[h * rope + j];
 }
 
+// y[i, :cols] = bf16(x_i W) for n rows x_i (bf16, ldx apart, read as K2 pairs) and one tile of up to 64 columns of
+// W: w2 [K2, ld] pairs from the tile's first column; y rows ldy apart. A batch's absorbed products per head
+// (W_UK into the queries, W_UV out of the latent outputs): each tile is read once per 4 rows, where pair_gemv per
+// sequence read the head's whole weight again for every sequence. The sums run along k in order, one pair product
+// at a time, as pair_gemv's (the same bits). A last block of fewer than 4 rows repeats its last row, unstored.
+BF16_DOT static void absorb_tile(const uint16_t *x, int64_t ldx, int64_t n, const uint32_t *w2, int64_t ld,
+                                 int64_t K2, int64_t cols, uint16_t *y, int64_t ldy) {
+    __mmask16 m[4];
+    for (int c = 0; c < 4; c++)
+        m[c] = cols >= 16 * (c + 1) ? (__mmask16)0xffff : cols > 16 * c ? tail_mask(cols - 16 * c) : (__mmask16)0;
+    for (int64_t r0 = 0; r0 < n; r0 += 4) {
+        const uint32_t *xr[4];
+        for (int r = 0; r < 4; r++) xr[r] = (const uint32_t *)(x + (r0 + r < n ? r0 + r : n - 1) * ldx);
+        __m512 acc[4][4];
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
+        for (int64_t p = 0; p < K2; p++) {
+            const uint32_t *w = w2 + p * ld;
+            __m512bh wc[4];
+            for (int c = 0; c < 4; c++) wc[c] = (__m512bh)_mm512_maskz_loadu_epi32(m[c], w + 16 * c);
+            for (int r = 0; r < 4; r++) {
+                const __m512bh xp = (__m512bh)_mm512_set1_epi32((int)xr[r][p]);
+                for (int c = 0; c < 4; c++) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xp, wc[c]);
+            }
+        }
+        for (int r = 0; r < 4 && r0 + r < n; r++)
+            for (int c = 0; c < 4; c++)
+                _mm256_mask_storeu_epi16(y + (r0 + r) * ldy + 16 * c, m[c], (__m256i)_mm512_cvtneps_pbh(acc[r][c]));
+    }
+}
+
 // sc [HP / 8, n_even / 2, 16] = bf16(q16 . row_s) * scale over n rows rowp [n rounded up to even] (a pad row repeats
 // the last, and its scores are -inf), two rows x 8 heads per step
 BF16_DOT static void scores_pairs(const uint16_t *q16, const uint16_t *const *rowp, int64_t n, int64_t HP, int64_t W,
@@ -500,11 +531,12 @@ BF16_DOT static void weigh_unit(const float *sc, const float *mls, const uint16_
 
 // MLA's absorbed decode for B single-token queries over a paged latent cache, one call per layer, with the pair
 // products above: the arguments of kimi_mla_decode_bf16 below, with wk2 and wv2 in place of kv_b. Units of context
-// are whole sequences or chunks of long ones, in parallel passes: each sequence's query; each unit's scores and their
-// per-head max and sum (a whole sequence goes on to its probabilities and weighted rows while its rows are in
-// cache); for split sequences, the max and sum over their chunks, then each chunk's probabilities (normalised by the
-// sequence's) and weighted rows; each sequence's sum over its units, bf16(o_lat) and W_UV.
-// Returns 0, or -1 when scratch memory could not be allocated.
+// are whole sequences or chunks of long ones, in parallel passes: the queries (W_UK per head and 64 columns, every
+// sequence through it: absorb_tile); each unit's scores and their per-head max and sum (a whole sequence goes on to
+// its probabilities and weighted rows while its rows are in cache); for split sequences, the max and sum over their
+// chunks, then each chunk's probabilities (normalised by the sequence's) and weighted rows; each sequence's sum over
+// its units, bf16(o_lat); W_UV per head and 64 columns, every sequence through it. (Odd nope or r: each sequence's
+// products on its own, pair_gemv.) Returns 0, or -1 when scratch memory could not be allocated.
 int kimi_mla_decode_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const uint32_t *wk2, const uint32_t *wv2,
                           const uint16_t *cache, const int64_t *rows, int64_t start, const int64_t *lengths,
                           int64_t B, int64_t S, int64_t H, int64_t nope, int64_t rope, int64_t v, int64_t r,
@@ -527,18 +559,41 @@ int kimi_mla_decode_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const ui
             unit[4 * u + 3] = offset;
             offset += HP * ((unit[4 * u + 2] + 1) / 2) * 2;  // [HP / 8, n2, 16]
         }
-    // q16 [B, HP, W] | scores of every unit | ml [U, HP, 2] (units') | mls [B, HP, 2] (sequences') | o [U, HP, r]
-    uint16_t *q16 = (uint16_t *)malloc((size_t)(B * HP * W) * sizeof(uint16_t));
+    // q16 [B, HP, W] | o_lat [B, H, r], both bf16
+    uint16_t *q16 = (uint16_t *)malloc((size_t)(B * HP * W + B * H * r) * sizeof(uint16_t));
+    uint16_t *o_lat = q16 ? q16 + B * HP * W : NULL;
+    // the batched absorbed products need whole pairs in each row: nope and r even
+    const int batched = nope % 2 == 0 && r % 2 == 0;
+    const int64_t rt = (r + 63) / 64, vt = (v + 63) / 64;
+    // scores of every unit | ml [U, HP, 2] (units') | mls [B, HP, 2] (sequences') | o [U, HP, r]
     float *sc = (float *)malloc((size_t)(offset + (U + B) * HP * 2 + U * HP * r) * sizeof(float));
     float *ml = sc ? sc + offset : NULL, *mls = ml ? ml + U * HP * 2 : NULL, *o = mls ? mls + B * HP * 2 : NULL;
     int failed = !q16 || !sc;
 #pragma omp parallel num_threads(threads) if (threads > 1 && (U > 1 || H > 1) && !failed) reduction(| : failed)
     {
         const int ok = q16 && sc;
+        if (batched) {  // W_UK per (head, 64 columns of r), every sequence's query through it
+#pragma omp for schedule(dynamic)
+            for (int64_t u = 0; u < H * rt; u++) {
+                const int64_t h = u / rt, c0 = 64 * (u % rt);
+                if (ok) absorb_tile(q_nope + h * nope, H * nope, B, wk2 + h * (nope / 2) * r + c0, r, nope / 2, r - c0,
+                                    q16 + h * W + c0, HP * W);
+            }
+#pragma omp for schedule(static)
+            for (int64_t bh = 0; bh < B * HP; bh++) {  // the rope columns, and zero rows past H
+                uint16_t *qh = q16 + bh * W;
+                if (!ok) continue;
+                if (bh % HP >= H)
+                    memset(qh, 0, (size_t)W * 2);
+                else
+                    memcpy(qh + r, q_pe + (bh / HP * H + bh % HP) * rope, (size_t)rope * 2);
+            }
+        } else {
 #pragma omp for schedule(static)  // per head: one sequence's W_UK and W_UV reads are shared out too
-        for (int64_t bh = 0; bh < B * HP; bh++)
-            if (ok) query_head(q_nope + bh / HP * H * nope, q_pe + bh / HP * H * rope, wk2, H, bh % HP, nope, rope, r,
-                               q16 + bh / HP * HP * W);
+            for (int64_t bh = 0; bh < B * HP; bh++)
+                if (ok) query_head(q_nope + bh / HP * H * nope, q_pe + bh / HP * H * rope, wk2, H, bh % HP, nope, rope,
+                                   r, q16 + bh / HP * HP * W);
+        }
         for (int pass = 0; pass < 2; pass++) {  // 0: every unit's scores (and whole sequences to the end); 1: chunks
 #pragma omp for schedule(dynamic)
             for (int64_t u = 0; u < U; u++) {
@@ -576,10 +631,10 @@ int kimi_mla_decode_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const ui
             }
         }
 #pragma omp for schedule(static)
-        for (int64_t bh = 0; bh < B * H; bh++) {  // out = W_UV bf16(o_lat), o_lat the sum over the sequence's units
+        for (int64_t bh = 0; bh < B * H; bh++) {  // o16 = bf16(o_lat), o_lat the sum over the sequence's units
             if (!ok) continue;
             const int64_t b = bh / H, h = bh % H;
-            uint16_t o16[r];
+            uint16_t *o16 = o_lat + bh * r;
             float *oh = o + (first[b] * HP + h) * r;
             for (int64_t u = first[b] + 1; u < first[b + 1]; u++)
                 for (int64_t j = 0; j < r; j++) oh[j] += o[(u * HP + h) * r + j];
@@ -587,7 +642,14 @@ int kimi_mla_decode_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const ui
                 const __mmask16 mk = c + 16 <= r ? (__mmask16)0xffff : tail_mask(r);
                 _mm256_mask_storeu_epi16(o16 + c, mk, to_bf16_ps(_mm512_maskz_loadu_ps(mk, oh + c)));
             }
-            pair_gemv(o16, r, wv2 + h * r2 * v, v, out + (b * H + h) * v);
+            if (!batched) pair_gemv(o16, r, wv2 + h * r2 * v, v, out + (b * H + h) * v);
+        }
+        if (batched) {  // out = W_UV o16, per (head, 64 columns of v)
+#pragma omp for schedule(dynamic)
+            for (int64_t u = 0; u < H * vt; u++) {
+                const int64_t h = u / vt, c0 = 64 * (u % vt);
+                if (ok) absorb_tile(o_lat + h * r, H * r, B, wv2 + h * r2 * v + c0, v, r2, v - c0, out + h * v + c0, H * v);
+            }
         }
     }
     free(first);
