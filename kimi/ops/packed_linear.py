@@ -11,7 +11,8 @@ and single rows go through it. Its sums run in a different order, so those rows 
 rounding, not bit for bit (tests/test_cpu_kernels.py).
 
 `pack_for_cpu(model)` swaps, in place, every bf16 CPU `nn.Linear` for a `PackedLinear`, every stack of routed
-experts for `PackedExperts` and, where the C kernels run, every RMSNorm, router, SwiGLU MLP, MLA and KDA layer for
+experts for `PackedExperts` (with AVX512-BF16: tile-major pair layouts for one C call per MoE block instead) and,
+where the C kernels run, every RMSNorm, router, SwiGLU MLP, MLA and KDA layer for
 a one-row variant that runs a single token's norm, routing, MLP, projections or KDA step in a few C calls
 (kimi/ops/cpu_kernels.py). The model becomes inference-only: a packed weight is an opaque oneDNN tensor, it has no
 gradient, and it is not in the state dict (kimi.model.loader.save_model refuses a packed model). Left as they are:
@@ -101,8 +102,9 @@ class PackedLinear(nn.Module):
 class PackedExperts(Experts):
     """Routed experts for CPU inference. Where the CPU has AVX512-BF16 (and hidden and intermediate sizes are
     multiples of 64 and 32): the whole block, every expert and the weighted sum, is one C call on tile-major pair
-    layouts of the weights (cpu_kernels.moe_experts), at any number of tokens; ~1.3-3.7x oneDNN's per-expert products
-    on the dev box from 1 to 1,024 tokens (bench/decode_kernels.py), and no Python loop over experts. Elsewhere: one
+    layouts of the weights (cpu_kernels.moe_experts), at any number of tokens: 1.2-1.8x oneDNN's per-expert products
+    from 4 to 1,024 tokens at bench size with the weights coming from memory (bench/decode_kernels.py), and no Python
+    loop over experts. Elsewhere: one
     prepacked oneDNN matrix per expert and projection, with plain copies for single rows (gemv). The stacked
     parameters are dropped either way. tiles=False takes the oneDNN path where the kernel would run (to compare)."""
 
