@@ -41,9 +41,9 @@ def _ok(failed: int, what: str) -> None:
 
 
 def _norm(m) -> tuple[int, float]:
-    if type(m) is not OneRowRMSNorm or m.weight.dtype != torch.bfloat16:
+    if type(m) is not OneRowRMSNorm or m.weight.dtype != torch.bfloat16 or not m.weight.is_contiguous():
         raise Unsupported(f"norm {type(m).__name__}")
-    return _ptr(m.weight.detach().contiguous()), m.eps
+    return _ptr(m.weight), m.eps
 
 
 def _plain(m) -> torch.Tensor:
@@ -76,16 +76,17 @@ class _Ffn:
             self.mlp = self._swiglu(ffn)
             return
         if not (type(ffn) is MoE and type(ffn.gate) is OneRowRouter and type(ffn.experts) is PackedExperts
-                and ffn.experts.tiles is not None and ffn.gate.weight.dtype == torch.bfloat16):
+                and ffn.experts.tiles is not None and ffn.gate.weight.dtype == torch.bfloat16
+                and ffn.gate.weight.shape[0] <= 1024 and ffn.gate.top_k <= 64):  # the kernels' limits
             raise Unsupported(f"ffn {type(ffn).__name__}")
         if hasattr(ffn, "shared_experts"):
             if type(ffn.shared_experts) is not OneRowMLP:
                 raise Unsupported("shared experts without a one-row variant")
             self.shared = self._swiglu(ffn.shared_experts)
         g = ffn.gate
-        self.router = (_ptr(g.weight.detach().contiguous()), _ptr(g.e_score_correction_bias.float().contiguous()),
-                       g.weight.shape[0], g.n_group, g.topk_group, g.top_k, int(g.norm_topk_prob), g.scaling)
-        self.keep = (g.e_score_correction_bias.float().contiguous(), g.weight.detach().contiguous())
+        self.keep = (g.weight.detach().contiguous(), g.e_score_correction_bias.float().contiguous())
+        self.router = (_ptr(self.keep[0]), _ptr(self.keep[1]), g.weight.shape[0], g.n_group, g.topk_group, g.top_k,
+                       int(g.norm_topk_prob), g.scaling)
         self.k = g.top_k
         self.idx, self.w = _ptr(scratch(g.top_k, torch.int64)), _ptr(scratch(g.top_k, torch.float32))
         gu, dn = ffn.experts.tiles
