@@ -323,29 +323,6 @@ BF16_DOT static inline __m512 sums16(const __m512 a[16]) {
                          _mm512_shuffle_f32x4(d[0], d[1], _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
-// y [n] = bf16(x W): x [k] bf16 taken two values at a time (zero past k), w2 [ceil(k / 2), n] weight pairs; the
-// columns go 128 at a time, 8 accumulators
-BF16_DOT static void pair_gemv(const uint16_t *x, int64_t k, const uint32_t *w2, int64_t n, uint16_t *y) {
-    for (int64_t j = 0; j < n; j += 128) {
-        const int64_t nz = (n - j < 128 ? n - j + 15 : 128 + 15) / 16;
-        __mmask16 m[8];
-        __m512 acc[8];
-        for (int t = 0; t < nz; t++) {
-            m[t] = j + 16 * t + 16 <= n ? (__mmask16)0xffff : tail_mask(n);
-            acc[t] = _mm512_setzero_ps();
-        }
-        for (int64_t i = 0; i < k; i += 2) {
-            const uint32_t pair = x[i] | (i + 1 < k ? (uint32_t)x[i + 1] << 16 : 0u);
-            const __m512bh p = (__m512bh)_mm512_set1_epi32((int)pair);
-            const uint32_t *w = w2 + (i / 2) * n + j;
-            for (int t = 0; t < nz; t++)
-                acc[t] = _mm512_dpbf16_ps(acc[t], p, (__m512bh)_mm512_maskz_loadu_epi32(m[t], w + 16 * t));
-        }
-        for (int t = 0; t < nz; t++)
-            _mm256_mask_storeu_epi16(y + j + 16 * t, m[t], (__m256i)_mm512_cvtneps_pbh(acc[t]));
-    }
-}
-
 // o [8, r] = sum_s p[h, s] * row_s[:r] for a block of 8 heads: p2 [ceil(n / 2), 8] probability pairs, rowp [n rounded
 // up to even] (a pad row has p = 0). Two rows per step: their 16-bit values interleaved into (row_s[c], row_s+1[c])
 // pairs meet each head's pair. Rows go by in tiles small enough to stay in L1 while every 32-column block reads them.
@@ -432,24 +409,11 @@ BF16_DOT static void probability_pairs(const float *x, int64_t n2, const float *
 #define SPLIT_ROWS 2048
 #define CHUNK_ROWS 1024
 
-// row h of q16 [HP, W] = [bf16(W_UK^T q_nope), q_pe] for one sequence's q_nope [H, nope], q_pe [H, rope] (zero past H)
-BF16_DOT static void query_head(const uint16_t *q_nope, const uint16_t *q_pe, const uint32_t *wk2, int64_t H,
-                                int64_t h, int64_t nope, int64_t rope, int64_t r, uint16_t *q16) {
-    const int64_t W = r + rope, nope2 = (nope + 1) / 2;
-    uint16_t *qh = q16 + h * W;
-    if (h >= H) {
-        for (int64_t j = 0; j < W; j++) qh[j] = 0;
-        return;
-    }
-    pair_gemv(q_nope + h * nope, nope, wk2 + h * nope2 * r, r, qh);
-    for (int64_t j = 0; j < rope; j++) qh[r + j] = q_pe[h * rope + j];
-}
-
 // y[i, :cols] = bf16(x_i W) for n rows x_i (bf16, ldx apart, read as K2 pairs) and one tile of up to 64 columns of
 // W: w2 [K2, ld] pairs from the tile's first column; y rows ldy apart. A batch's absorbed products per head
-// (W_UK into the queries, W_UV out of the latent outputs): each tile is read once per 4 rows, where pair_gemv per
-// sequence read the head's whole weight again for every sequence. The sums run along k in order, one pair product
-// at a time, as pair_gemv's (the same bits). A last block of fewer than 4 rows repeats its last row, unstored.
+// (W_UK into the queries, W_UV out of the latent outputs): each tile is read once per 4 rows, not once per sequence.
+// The sums run along k in order, one pair product at a time. A last block of fewer than 4 rows repeats its last
+// row, unstored.
 BF16_DOT static void absorb_tile(const uint16_t *x, int64_t ldx, int64_t n, const uint32_t *w2, int64_t ld,
                                  int64_t K2, int64_t cols, uint16_t *y, int64_t ldy) {
     __mmask16 m[4];
@@ -536,8 +500,9 @@ BF16_DOT static void weigh_unit(const float *sc, const float *mls, const uint16_
 // sequence through it: absorb_tile); each unit's scores and their per-head max and sum (a whole sequence goes on to
 // its probabilities and weighted rows while its rows are in cache); for split sequences, the max and sum over their
 // chunks, then each chunk's probabilities (normalised by the sequence's) and weighted rows; each sequence's sum over
-// its units, bf16(o_lat); W_UV per head and 64 columns, every sequence through it. (Odd nope or r: each sequence's
-// products on its own, pair_gemv.) Returns 0, or -1 when scratch memory could not be allocated.
+// its units, bf16(o_lat); W_UV per head and 64 columns, every sequence through it. The products' inputs are rows of
+// whole pairs (q_nope copied with a zero past an odd nope; o_lat a zero past an odd r), meeting wk2's and wv2's zero
+// pair rows. Returns 0, or -1 when scratch memory could not be allocated.
 int kimi_mla_decode_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const uint32_t *wk2, const uint32_t *wv2,
                           const uint16_t *cache, const int64_t *rows, int64_t start, const int64_t *lengths,
                           int64_t B, int64_t S, int64_t H, int64_t nope, int64_t rope, int64_t v, int64_t r,
@@ -560,12 +525,10 @@ int kimi_mla_decode_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const ui
             unit[4 * u + 3] = offset;
             offset += HP * ((unit[4 * u + 2] + 1) / 2) * 2;  // [HP / 8, n2, 16]
         }
-    // q16 [B, HP, W] | o_lat [B, H, r], both bf16
-    uint16_t *q16 = (uint16_t *)malloc((size_t)(B * HP * W + B * H * r) * sizeof(uint16_t));
-    uint16_t *o_lat = q16 ? q16 + B * HP * W : NULL;
-    // the batched absorbed products need whole pairs in each row: nope and r even
-    const int batched = nope % 2 == 0 && r % 2 == 0;
-    const int64_t rt = (r + 63) / 64, vt = (v + 63) / 64;
+    // q16 [B, HP, W] | o_lat [B, H, 2 r2] | qn [B, H, 2 nope2], all bf16 (the last two zero-padded to whole pairs)
+    const int64_t nope2 = (nope + 1) / 2, rt = (r + 63) / 64, vt = (v + 63) / 64;
+    uint16_t *q16 = (uint16_t *)calloc((size_t)(B * HP * W + B * H * 2 * (r2 + nope2)), sizeof(uint16_t));
+    uint16_t *o_lat = q16 ? q16 + B * HP * W : NULL, *qn = q16 ? o_lat + B * H * 2 * r2 : NULL;
     // scores of every unit | ml [U, HP, 2] (units') | mls [B, HP, 2] (sequences') | o [U, HP, r]
     float *sc = (float *)malloc((size_t)(offset + (U + B) * HP * 2 + U * HP * r) * sizeof(float));
     float *ml = sc ? sc + offset : NULL, *mls = ml ? ml + U * HP * 2 : NULL, *o = mls ? mls + B * HP * 2 : NULL;
@@ -573,27 +536,23 @@ int kimi_mla_decode_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const ui
 #pragma omp parallel num_threads(threads) if (threads > 1 && (U > 1 || H > 1) && !failed) reduction(| : failed)
     {
         const int ok = q16 && sc;
-        if (batched) {  // W_UK per (head, 64 columns of r), every sequence's query through it
-#pragma omp for schedule(dynamic)
-            for (int64_t u = 0; u < H * rt; u++) {
-                const int64_t h = u / rt, c0 = 64 * (u % rt);
-                if (ok) absorb_tile(q_nope + h * nope, H * nope, B, wk2 + h * (nope / 2) * r + c0, r, nope / 2, r - c0,
-                                    q16 + h * W + c0, HP * W);
-            }
 #pragma omp for schedule(static)
-            for (int64_t bh = 0; bh < B * HP; bh++) {  // the rope columns, and zero rows past H
-                uint16_t *qh = q16 + bh * W;
-                if (!ok) continue;
-                if (bh % HP >= H)
-                    memset(qh, 0, (size_t)W * 2);
-                else
-                    memcpy(qh + r, q_pe + (bh / HP * H + bh % HP) * rope, (size_t)rope * 2);
-            }
-        } else {
-#pragma omp for schedule(static)  // per head: one sequence's W_UK and W_UV reads are shared out too
-            for (int64_t bh = 0; bh < B * HP; bh++)
-                if (ok) query_head(q_nope + bh / HP * H * nope, q_pe + bh / HP * H * rope, wk2, H, bh % HP, nope, rope,
-                                   r, q16 + bh / HP * HP * W);
+        for (int64_t bh = 0; bh < B * H; bh++)  // q_nope as whole pairs
+            if (ok) memcpy(qn + bh * 2 * nope2, q_nope + bh * nope, (size_t)nope * 2);
+#pragma omp for schedule(dynamic)
+        for (int64_t u = 0; u < H * rt; u++) {  // W_UK per (head, 64 columns of r), every sequence's query through it
+            const int64_t h = u / rt, c0 = 64 * (u % rt);
+            if (ok) absorb_tile(qn + h * 2 * nope2, H * 2 * nope2, B, wk2 + h * nope2 * r + c0, r, nope2, r - c0,
+                                q16 + h * W + c0, HP * W);
+        }
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * HP; bh++) {  // the rope columns, and zero rows past H
+            uint16_t *qh = q16 + bh * W;
+            if (!ok) continue;
+            if (bh % HP >= H)
+                memset(qh, 0, (size_t)W * 2);
+            else
+                memcpy(qh + r, q_pe + (bh / HP * H + bh % HP) * rope, (size_t)rope * 2);
         }
         for (int pass = 0; pass < 2; pass++) {  // 0: every unit's scores (and whole sequences to the end); 1: chunks
 #pragma omp for schedule(dynamic)
@@ -635,7 +594,7 @@ int kimi_mla_decode_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const ui
         for (int64_t bh = 0; bh < B * H; bh++) {  // o16 = bf16(o_lat), o_lat the sum over the sequence's units
             if (!ok) continue;
             const int64_t b = bh / H, h = bh % H;
-            uint16_t *o16 = o_lat + bh * r;
+            uint16_t *o16 = o_lat + bh * 2 * r2;
             float *oh = o + (first[b] * HP + h) * r;
             for (int64_t u = first[b] + 1; u < first[b + 1]; u++)
                 for (int64_t j = 0; j < r; j++) oh[j] += o[(u * HP + h) * r + j];
@@ -643,14 +602,12 @@ int kimi_mla_decode_pairs(const uint16_t *q_nope, const uint16_t *q_pe, const ui
                 const __mmask16 mk = c + 16 <= r ? (__mmask16)0xffff : tail_mask(r);
                 _mm256_mask_storeu_epi16(o16 + c, mk, to_bf16_ps(_mm512_maskz_loadu_ps(mk, oh + c)));
             }
-            if (!batched) pair_gemv(o16, r, wv2 + h * r2 * v, v, out + (b * H + h) * v);
         }
-        if (batched) {  // out = W_UV o16, per (head, 64 columns of v)
 #pragma omp for schedule(dynamic)
-            for (int64_t u = 0; u < H * vt; u++) {
-                const int64_t h = u / vt, c0 = 64 * (u % vt);
-                if (ok) absorb_tile(o_lat + h * r, H * r, B, wv2 + h * r2 * v + c0, v, r2, v - c0, out + h * v + c0, H * v);
-            }
+        for (int64_t u = 0; u < H * vt; u++) {  // out = W_UV o16, per (head, 64 columns of v)
+            const int64_t h = u / vt, c0 = 64 * (u % vt);
+            if (ok) absorb_tile(o_lat + h * 2 * r2, H * 2 * r2, B, wv2 + h * r2 * v + c0, v, r2, v - c0,
+                                out + h * v + c0, H * v);
         }
     }
     free(first);
