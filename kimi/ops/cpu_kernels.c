@@ -973,6 +973,18 @@ BF16_DOT static inline __attribute__((always_inline)) void expert_tile(const uin
     }
 }
 
+// expert_tile for R = min(XR, rows left) rows, R a constant in each branch (so the tile's loops unroll)
+BF16_DOT static inline __attribute__((always_inline)) void expert_tile_rows(const uint32_t *const *xr, int R,
+                                                                            const uint32_t *w2, int64_t K2,
+                                                                            __m512 acc[XR][4]) {
+    switch (R) {
+        case 1: expert_tile(xr, 1, w2, K2, acc); break;
+        case 2: expert_tile(xr, 2, w2, K2, acc); break;
+        case 3: expert_tile(xr, 3, w2, K2, acc); break;
+        default: expert_tile(xr, XR, w2, K2, acc);
+    }
+}
+
 // silu as torch computes it on a bf16 tensor (in fp32, rounded once): g / (1 + e^-g)
 static inline __m512 silu_ps(__m512 g) {
     return _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), g))));
@@ -984,12 +996,7 @@ BF16_DOT static void gate_up_tile(const uint32_t *const *xr, int64_t n, const ui
     __m512 acc[XR][4];
     for (int64_t r0 = 0; r0 < n; r0 += XR) {
         const int R = n - r0 < XR ? (int)(n - r0) : XR;
-        switch (R) {  // constant R: the tile's loops unroll
-            case 1: expert_tile(xr + r0, 1, tile, D2, acc); break;
-            case 2: expert_tile(xr + r0, 2, tile, D2, acc); break;
-            case 3: expert_tile(xr + r0, 3, tile, D2, acc); break;
-            default: expert_tile(xr + r0, XR, tile, D2, acc);
-        }
+        expert_tile_rows(xr + r0, R, tile, D2, acc);
         for (int r = 0; r < R; r++)
             for (int c = 0; c < 2; c++) {  // acc[r][c]: gate columns 32b + 16c.., acc[r][c + 2] their up columns
                 const __m512 g = round_bf16_ps(acc[r][c]), u = round_bf16_ps(acc[r][c + 2]);
@@ -1005,12 +1012,7 @@ BF16_DOT static void down_tile(const uint32_t *const *hr, int64_t n, const uint3
     __m512 acc[XR][4];
     for (int64_t r0 = 0; r0 < n; r0 += XR) {
         const int R = n - r0 < XR ? (int)(n - r0) : XR;
-        switch (R) {
-            case 1: expert_tile(hr + r0, 1, tile, I2, acc); break;
-            case 2: expert_tile(hr + r0, 2, tile, I2, acc); break;
-            case 3: expert_tile(hr + r0, 3, tile, I2, acc); break;
-            default: expert_tile(hr + r0, XR, tile, I2, acc);
-        }
+        expert_tile_rows(hr + r0, R, tile, I2, acc);
         for (int r = 0; r < R; r++)
             for (int c = 0; c < 4; c++)
                 _mm256_storeu_si256((__m256i *)(y + (r0 + r) * D + 64 * b + 16 * c), to_bf16_ps(acc[r][c]));
@@ -1021,27 +1023,24 @@ int kimi_moe_experts_pairs(const uint16_t *x, int64_t N, int64_t D, const int64_
                            const uint32_t *gu, const uint32_t *dn, int64_t E, int64_t I, uint16_t *out, int threads) {
     const int64_t M = N * k, D2 = D / 2, I2 = I / 2, gt = I / 32, dt = D / 64;
     int64_t *start = (int64_t *)calloc((size_t)(2 * E + 1), sizeof(int64_t)), *fill = start + E + 1;
-    int64_t *pair = (int64_t *)malloc((size_t)(2 * M) * sizeof(int64_t)), *row = pair + M;
+    int64_t *row = (int64_t *)malloc((size_t)(M > 0 ? M : 1) * sizeof(int64_t));  // (token, slot) -> its row
     const uint32_t **xr = (const uint32_t **)malloc((size_t)M * sizeof(void *));  // row -> its x row, as pairs
     uint16_t **hr = (uint16_t **)malloc((size_t)M * sizeof(void *));              // row -> its h row
     uint16_t *h = (uint16_t *)malloc((size_t)(M * I) * sizeof(uint16_t));
     uint16_t *y = (uint16_t *)malloc((size_t)(M * D) * sizeof(uint16_t));
     int64_t *items = (int64_t *)malloc((size_t)E * sizeof(int64_t));  // the experts with rows
-    if (!start || !pair || !xr || !hr || !h || !y || !items) {
-        free(start); free(pair); free(xr); free(hr); free(h); free(y); free(items);
+    if (!start || !row || !xr || !hr || !h || !y || !items) {
+        free(start); free(row); free(xr); free(hr); free(h); free(y); free(items);
         return -1;
     }
-    // rows grouped by expert, (token, slot) order within: pair[row] = t * k + j, row[t * k + j] = row
+    // rows grouped by expert, (token, slot) order within: row[t * k + j] = the row of token t's slot j
     for (int64_t i = 0; i < M; i++) start[idx[i] + 1]++;
     for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
     memcpy(fill, start, (size_t)E * sizeof(int64_t));
     for (int64_t i = 0; i < M; i++) {
         const int64_t rw = fill[idx[i]]++;
-        pair[rw] = i;
         row[i] = rw;
-    }
-    for (int64_t rw = 0; rw < M; rw++) {
-        xr[rw] = (const uint32_t *)(x + (pair[rw] / k) * D);
+        xr[rw] = (const uint32_t *)(x + (i / k) * D);
         hr[rw] = h + rw * I;
     }
     int64_t active = 0;
@@ -1080,7 +1079,7 @@ int kimi_moe_experts_pairs(const uint16_t *x, int64_t N, int64_t D, const int64_
             }
         }
     }
-    free(start); free(pair); free(xr); free(hr); free(h); free(y); free(items);
+    free(start); free(row); free(xr); free(hr); free(h); free(y); free(items);
     return 0;
 }
 

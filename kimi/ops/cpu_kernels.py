@@ -440,12 +440,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     lib = _library_for(x.dtype)
     x = x.contiguous()
     y = torch.empty_like(x)
-    M = x.numel() // D
-    if x.dtype == torch.bfloat16 and M > 1:  # rows split between threads
-        lib.kimi_rmsnorm_rows_bf16(x.data_ptr(), M, D, weight.data_ptr(), eps, y.data_ptr(), torch.get_num_threads())
-        return y
-    norm = lib.kimi_rmsnorm_f32 if x.dtype == torch.float32 else lib.kimi_rmsnorm_bf16
-    norm(x.data_ptr(), M, D, weight.data_ptr(), eps, y.data_ptr())
+    if x.dtype == torch.bfloat16:  # rows split between threads (from 16 rows on)
+        lib.kimi_rmsnorm_rows_bf16(x.data_ptr(), x.numel() // D, D, weight.data_ptr(), eps, y.data_ptr(),
+                                   torch.get_num_threads())
+    else:
+        lib.kimi_rmsnorm_f32(x.data_ptr(), x.numel() // D, D, weight.data_ptr(), eps, y.data_ptr())
     return y
 
 

@@ -104,9 +104,9 @@ class PackedExperts(Experts):
     multiples of 64 and 32): the whole block, every expert and the weighted sum, is one C call on tile-major pair
     layouts of the weights (cpu_kernels.moe_experts), at any number of tokens: 1.2-1.8x oneDNN's per-expert products
     from 4 to 1,024 tokens at bench size with the weights coming from memory (bench/decode_kernels.py), and no Python
-    loop over experts. Elsewhere: one
-    prepacked oneDNN matrix per expert and projection, with plain copies for single rows (gemv). The stacked
-    parameters are dropped either way. tiles=False takes the oneDNN path where the kernel would run (to compare)."""
+    loop over experts. Elsewhere: one prepacked oneDNN matrix per expert and projection, with plain copies for single
+    rows (gemv). The stacked parameters are dropped either way. tiles=False takes the oneDNN path where the kernel
+    would run (to compare)."""
 
     def __init__(self, experts: Experts, tiles: bool = True):
         nn.Module.__init__(self)
