@@ -114,3 +114,14 @@ def test_stream_from_threads_and_asyncio_while_closing_one_early(llm):
     llm.shutdown()
     s = llm.stats()
     assert s["blocks_used"] == 0 and s["state_slots_used"] == 0 and not llm.requests
+
+
+def test_generate_cli_streams_the_continuation(model_dir, llm, capsys):
+    """`kimi generate --model DIR --prompt TEXT` writes the prompt, then the continuation as it streams, then a
+    newline: the same greedy text the engine returns."""
+    from kimi.cli import main
+
+    prompt = "Pack my box"
+    main(["generate", "--model", str(model_dir), "--prompt", prompt, "--max-tokens", "12", "--dtype", "float32"])
+    want = llm.generate(prompt, SamplingParams(max_tokens=12, temperature=0))[0].text
+    assert want and capsys.readouterr().out == prompt + want + "\n"
